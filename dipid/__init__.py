@@ -1,0 +1,51 @@
+"""dipid: find and segment diffraction peaks in X-ray area-detector scans.
+
+Public API (imported lazily, so ``import dipid`` stays light)::
+
+    import dipid
+    scan = dipid.open_scan("1040323.nxs")
+    predictor = dipid.JointPredictor.from_pretrained()
+    result = predictor.predict_scan(scan)
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Any
+
+from dipid._compat import check_torch_install
+from dipid.errors import *  # noqa: F403
+from dipid.errors import __all__ as _error_names
+
+__version__ = "0.1.0"
+
+check_torch_install()
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+_LAZY = {
+    "open_scan": "dipid.io",
+    "Scan": "dipid.io",
+    "simulate_scan": "dipid.synth",
+    "JointPredictor": "dipid.predict",
+    "ImageResult": "dipid.predict",
+    "ScanResult": "dipid.predict",
+    "Instances": "dipid.predict",
+    "build_tlm": "dipid.models",
+    "build_sslm": "dipid.models",
+    "generate_3d_plot": "dipid.viz",
+    "show_image_predictions": "dipid.viz",
+}
+
+__all__ = ["__version__", *_error_names, *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'dipid' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
