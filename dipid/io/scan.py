@@ -1,0 +1,586 @@
+"""Lazy reading of detector scans: :func:`open_scan` and :class:`Scan`.
+
+A scan is never read whole: frames come from one HDF5 slice per batch (or one TIFF per frame),
+and the files stay open between reads. See :mod:`dipid.io.nexus` for the layouts understood.
+
+Bad pixels (``bad_pixels`` masks) are the static mask (negative in the first frame, or in a user
+mask), negative or non-finite counts, and counts at or above the saturation value. The frames
+returned as float32 have every *unmeasured* pixel (static mask, negative, non-finite) replaced by
+its nearest good neighbour. Saturated pixels hold a real, if clipped, measurement: by default
+they keep their stored value (filling them from neighbours would cut the top off the strongest
+peaks); ``open_scan(..., fill_saturated=True)`` fills them too. They are flagged in
+``FrameBatch.bad_pixels`` either way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from dipid.errors import (
+    CorruptFileError,
+    DetectorDataNotFoundError,
+    EmptyScanError,
+    FrameIndexError,
+    LinkTargetMissingError,
+    ScanError,
+    ScanShapeError,
+)
+from dipid.io._hdf5 import FileSet, MissingTarget, missing_virtual_sources, open_h5, resolve
+from dipid.io.mask import check_mask_shape, read_mask
+from dipid.io.nexus import (
+    DetectorLocation,
+    ScanAxis,
+    ScanMetadata,
+    find_detector_locations,
+    frame_file_candidates,
+    read_axis,
+    read_metadata,
+    tiff_names,
+)
+from dipid.io.pixels import bad_pixels, fill_bad_pixels
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["open_scan", "Scan", "FrameBatch", "ScanAxis", "ScanMetadata"]
+
+
+@dataclass
+class FrameBatch:
+    """Consecutive frames of a scan.
+
+    Attributes:
+        start: index of the first frame.
+        frames: (b, H, W) float32 counts, unmeasured pixels filled from neighbours.
+        bad_pixels: (b, H, W) bool, static mask | negative | non-finite | >= saturation.
+    """
+
+    start: int
+    frames: np.ndarray
+    bad_pixels: np.ndarray
+
+    @property
+    def indices(self) -> np.ndarray:
+        """(b,) int64 frame numbers."""
+        return np.arange(self.start, self.start + len(self.frames), dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+
+# --------------------------------------------------------------------------- frame sources
+
+
+class _HDF5Frames:
+    """Frames in one (n, H, W) HDF5 dataset; each read is one slice."""
+
+    def __init__(self, dataset: h5py.Dataset, *, scan_file: Path, path_in_scan: str):
+        self.dataset = dataset
+        self.shape: tuple[int, int, int] = tuple(dataset.shape)  # type: ignore[assignment]
+        self.dtype = dataset.dtype
+        self.scan_file = scan_file
+        self.path_in_scan = path_in_scan
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        try:
+            return self.dataset[start:stop]
+        except (OSError, RuntimeError, ValueError) as exc:
+            where = Path(self.dataset.file.filename)
+            raise CorruptFileError(
+                f"cannot read frames {start}..{stop - 1} of {self.dataset.name} ({exc}); the file is "
+                "truncated, corrupt or compressed with a filter that is not installed (pip install hdf5plugin)",
+                file=where, path_in_file=self.dataset.name,
+            ) from exc
+
+
+class _TiffFrames:
+    """One TIFF file per frame (older I16 scans), read lazily one file at a time."""
+
+    def __init__(self, names: list[str], candidates: list[list[Path]], first: np.ndarray, *,
+                 scan_file: Path, path_in_scan: str):
+        self.names = names
+        self.candidates = candidates
+        self.shape = (len(names), *first.shape)
+        self.dtype = first.dtype
+        self.scan_file = scan_file
+        self.path_in_scan = path_in_scan
+        self._first = first
+
+    def _path(self, i: int) -> Path:
+        found = next((c for c in self.candidates[i] if c.is_file()), None)
+        if found is None:
+            raise LinkTargetMissingError(
+                f"frame {i} is the TIFF {self.names[i]!r}, expected at {self.candidates[i][0]}, which does "
+                "not exist; copy the scan's TIFF folder next to the NeXus file",
+                file=self.scan_file, path_in_file=self.path_in_scan,
+            )
+        return found
+
+    def read_one(self, i: int) -> np.ndarray:
+        import tifffile
+
+        if i == 0 and self._first is not None:
+            return self._first
+        path = self._path(i)
+        try:
+            frame = tifffile.imread(path)
+        except Exception as exc:  # noqa: BLE001 - tifffile raises many types for bad files
+            raise CorruptFileError(f"cannot read frame {i} ({exc})", file=path) from exc
+        if frame.shape != self.shape[1:]:
+            raise ScanShapeError(
+                f"frame {i} has shape {frame.shape}, the first frame {self.shape[1:]}; every TIFF of a "
+                "scan must have the same size", file=path,
+            )
+        return frame
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        out = np.empty((stop - start, *self.shape[1:]), dtype=self.dtype)
+        for k, i in enumerate(range(start, stop)):
+            out[k] = self.read_one(i)
+        return out
+
+
+def _load_tiff_source(files: FileSet, location: DetectorLocation) -> _TiffFrames | LinkTargetMissingError | None:
+    import tifffile
+
+    path = location.image_data_path
+    assert path is not None
+    names = tiff_names(files.main, path)
+    if not names:
+        return None
+    candidates = [frame_file_candidates(files.main_path, name) for name in names]
+    for i in (0, len(names) - 1):
+        if not any(c.is_file() for c in candidates[i]):
+            return LinkTargetMissingError(
+                f"the scan lists {len(names)} TIFF frames; {names[i]!r} is expected at {candidates[i][0]}, "
+                "which does not exist",
+                file=files.main_path, path_in_file=path,
+            )
+    first_path = next(c for c in candidates[0] if c.is_file())
+    try:
+        first = tifffile.imread(first_path)
+    except Exception as exc:  # noqa: BLE001
+        raise CorruptFileError(f"cannot read the first frame ({exc})", file=first_path) from exc
+    if first.ndim != 2:
+        raise ScanShapeError(f"a frame TIFF must be 2D, this one has shape {first.shape}", file=first_path)
+    return _TiffFrames(names, candidates, first, scan_file=files.main_path, path_in_scan=path)
+
+
+def _open_source(files: FileSet, location: DetectorLocation) -> tuple[Any, str] | Callable[[], Exception]:
+    """Open the frames of ``location``: (source, data path) or a factory of the error to raise."""
+    missing: list[MissingTarget] = []
+    for path in location.data_paths:
+        obj = resolve(files, path)
+        if isinstance(obj, MissingTarget):
+            missing.append(obj)
+        elif isinstance(obj, h5py.Dataset):
+            absent = missing_virtual_sources(obj)
+            if absent:
+                return lambda: LinkTargetMissingError(
+                    f"the frames are a virtual dataset whose source files are missing: "
+                    f"{', '.join(map(str, absent[:3]))}{' ...' if len(absent) > 3 else ''}; copy them next to "
+                    f"{Path(obj.file.filename).name}", file=files.main_path, path_in_file=path,
+                )
+            return _HDF5Frames(obj, scan_file=files.main_path, path_in_scan=path), path
+    tiff_error: LinkTargetMissingError | None = None
+    if location.image_data_path:
+        tiffs = _load_tiff_source(files, location)
+        if isinstance(tiffs, _TiffFrames):
+            if missing:
+                logger.info("%s: %s; reading the TIFF frames listed in %s instead", files.main_path,
+                            missing[0].describe(), location.image_data_path)
+            return tiffs, location.image_data_path
+        tiff_error = tiffs
+    if missing:
+        first = missing[0]
+        if tiff_error is not None:
+            extra = f"the TIFF list does not help either: {tiff_error.args[0].split(': ', 1)[-1]}"
+            extra += "; copy the detector files folder next to the NeXus file, keeping its name"
+            return lambda: first.error(extra)
+        return first.error
+    if tiff_error is not None:
+        return lambda: tiff_error
+    return lambda: DetectorDataNotFoundError(
+        f"detector {location.detector!r}: nothing readable at {', '.join(location.data_paths)}",
+        file=files.main_path,
+    )
+
+
+# --------------------------------------------------------------------------- Scan
+
+
+class Scan:
+    """A lazily read detector scan.
+
+    Use :func:`open_scan`. Frames are read on demand; the HDF5 files stay open until
+    :meth:`close` (or the end of a ``with`` block) and reopen by themselves if used again, in
+    another process after pickling, or after a fork.
+
+    Attributes:
+        path: the scan file.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        detector: str | None = None,
+        dataset: str | None = None,
+        mask: str | Path | np.ndarray | None = None,
+        fill_saturated: bool = False,
+    ):
+        self.path = Path(path).expanduser().absolute()
+        self._detector_arg = detector
+        self._dataset_arg = dataset
+        self._mask_arg = mask
+        self.fill_saturated = bool(fill_saturated)
+        self._location: DetectorLocation | None = None
+        self._reset_handles()
+        self._user_mask: np.ndarray | None = None
+        self._open()
+        if mask is not None:
+            try:
+                self._user_mask = read_mask(mask)
+            except Exception:
+                self.close()
+                raise
+        if self._source is not None:
+            self._validate()
+
+    # ----- lifecycle
+
+    def _reset_handles(self) -> None:
+        self._files: FileSet | None = None
+        self._source: _HDF5Frames | _TiffFrames | None = None
+        self._frames_error: Callable[[], Exception] | None = None
+        self._data_path: str | None = None
+        self._pid: int | None = None
+        self._static_mask: np.ndarray | None = None
+        self._metadata: ScanMetadata | None = None
+        self._axis: ScanAxis | None = None
+
+    def _open(self) -> None:
+        files = FileSet(self.path, open_h5(self.path))
+        try:
+            if self._location is None:
+                locations = find_detector_locations(files, detector=self._detector_arg, dataset=self._dataset_arg)
+                chosen, opened = locations[0], _open_source(files, locations[0])
+                if not isinstance(opened, tuple) and len(locations) > 1:
+                    for other in locations[1:]:
+                        try:
+                            attempt = _open_source(files, other)
+                        except ScanError:  # a broken alternative must not hide the first one's error
+                            continue
+                        if isinstance(attempt, tuple):
+                            logger.warning("%s: frames of %r are unavailable; reading detector %r instead",
+                                           self.path, chosen.detector, other.detector)
+                            chosen, opened = other, attempt
+                            break
+            else:
+                chosen, opened = self._location, _open_source(files, self._location)
+        except BaseException:
+            files.close()
+            raise
+        self._files = files
+        self._pid = os.getpid()
+        if isinstance(opened, tuple):
+            self._source, self._data_path = opened
+            self._frames_error = None
+            if self._location is None:
+                # remember exactly what was read, so a reopened copy reads the same data
+                chosen = chosen.with_data_path(self._data_path) if self._data_path in chosen.data_paths else chosen
+        else:
+            self._source = None
+            self._frames_error = opened
+            self._data_path = chosen.data_paths[0] if chosen.data_paths else chosen.image_data_path
+        self._location = chosen
+
+    def _validate(self) -> None:
+        assert self._source is not None
+        shape = self._source.shape
+        where = dict(file=self._source_file(), path_in_file=self._data_path)
+        if len(shape) != 3:
+            self.close()
+            raise ScanShapeError(
+                f"detector data must be 3D (frames, rows, columns), this dataset has shape {shape}; "
+                "pass dataset= pointing at an (n, H, W) dataset", **where,
+            )
+        if self._source.dtype.kind not in "biuf":
+            self.close()
+            raise ScanShapeError(f"detector data must be numeric, this dataset is {self._source.dtype}", **where)
+        if shape[0] == 0:
+            self.close()
+            raise EmptyScanError("the scan holds 0 frames (aborted before the first point?)", **where)
+        if self._user_mask is not None:
+            try:
+                check_mask_shape(self._user_mask, shape[1:],
+                                 file=None if isinstance(self._mask_arg, np.ndarray) else Path(self._mask_arg))
+            except Exception:
+                self.close()
+                raise
+
+    def _source_file(self) -> Path:
+        if isinstance(self._source, _HDF5Frames):
+            return Path(self._source.dataset.file.filename)
+        return self.path
+
+    def _ensure_open(self) -> None:
+        if self._files is None or self._pid != os.getpid():
+            # after close(), unpickling or a fork: h5py handles must not be shared across processes
+            self._files = None
+            self._open()
+
+    def _frames(self) -> _HDF5Frames | _TiffFrames:
+        self._ensure_open()
+        if self._source is None:
+            assert self._frames_error is not None
+            raise self._frames_error()
+        return self._source
+
+    def close(self) -> None:
+        """Close the files (the scan reopens them if used again)."""
+        if self._files is not None and self._pid == os.getpid():
+            self._files.close()
+        self._files = None
+        self._source = None
+
+    def __enter__(self) -> "Scan":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Never pickle h5py objects: keep what is needed to reopen the same data elsewhere.
+        return {
+            "path": self.path,
+            "detector_arg": self._detector_arg,
+            "dataset_arg": self._dataset_arg,
+            # an array mask travels once, as user_mask; a file mask keeps its path for messages
+            "mask_arg": None if isinstance(self._mask_arg, np.ndarray) else self._mask_arg,
+            "user_mask": self._user_mask,
+            "fill_saturated": self.fill_saturated,
+            "location": self._location,
+            "data_path": self._data_path,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.path = state["path"]
+        self._detector_arg = state["detector_arg"]
+        self._dataset_arg = state["dataset_arg"]
+        self._mask_arg = state["mask_arg"]
+        self.fill_saturated = state["fill_saturated"]
+        self._location = state["location"]
+        self._reset_handles()
+        self._user_mask = state["user_mask"]
+        self._data_path = state["data_path"]
+
+    def __repr__(self) -> str:
+        try:
+            shape = f"shape={self.shape}"
+        except Exception:  # noqa: BLE001 - repr must not raise (frames may be missing)
+            shape = "frames unavailable"
+        return f"Scan({str(self.path)!r}, detector={self.detector!r}, data_path={self.data_path!r}, {shape})"
+
+    # ----- description
+
+    @property
+    def detector(self) -> str:
+        """Detector name, e.g. ``"pil3_100k"``."""
+        if self._location is None:
+            self._ensure_open()
+        assert self._location is not None
+        return self._location.detector
+
+    @property
+    def data_path(self) -> str | None:
+        """HDF5 path of the frames in the scan file (the ``image_data`` dataset for TIFF lists)."""
+        if self._data_path is None:
+            self._ensure_open()
+        return self._data_path
+
+    @property
+    def frames_available(self) -> bool:
+        """True if the frames can be read (False e.g. when the linked detector file is missing)."""
+        self._ensure_open()
+        return self._source is not None
+
+    def require_frames(self) -> None:
+        """Raise the error that frame access would raise (e.g. LinkTargetMissingError), if any."""
+        self._frames()
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(n, H, W)."""
+        return tuple(self._frames().shape)  # type: ignore[return-value]
+
+    @property
+    def frame_shape(self) -> tuple[int, int]:
+        """(H, W)."""
+        return self.shape[1:]  # type: ignore[return-value]
+
+    @property
+    def dtype(self) -> np.dtype:
+        """dtype of the stored counts (int32 for Pilatus)."""
+        return np.dtype(self._frames().dtype)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __bool__(self) -> bool:  # a Scan is truthy even when its frames are unavailable
+        return True
+
+    @property
+    def metadata(self) -> ScanMetadata:
+        """Scan metadata (read once, cached)."""
+        if self._metadata is None:
+            self._ensure_open()
+            assert self._files is not None and self._location is not None
+            n = self._source.shape[0] if self._source is not None else None
+            self._metadata = read_metadata(self._files, self._location, n)
+        return self._metadata
+
+    @property
+    def axis(self) -> ScanAxis:
+        """The scanned quantity: NXdata ``axes`` -> ``primary`` attribute -> measurement axes -> frame number."""
+        if self._axis is None:
+            self._ensure_open()
+            assert self._files is not None and self._location is not None
+            n = self._source.shape[0] if self._source is not None else None
+            axis = read_axis(self._files, self._location, n)
+            if axis is None:
+                axis = ScanAxis("frame", np.arange(len(self), dtype=np.float64))
+            self._axis = axis
+        return self._axis
+
+    @property
+    def saturation_value(self) -> float | None:
+        """Counts at or above which a pixel is saturated (see :class:`ScanMetadata`)."""
+        return self.metadata.saturation_value
+
+    @property
+    def bad_pixel_mask(self) -> np.ndarray:
+        """(H, W) bool static bad pixels: negative in the first frame, or set in the user mask."""
+        if self._static_mask is None:
+            first = self._frames().read(0, 1)[0]
+            static = first < 0
+            if first.dtype.kind == "f":
+                static |= ~np.isfinite(first)
+            if self._user_mask is not None:
+                static |= self._user_mask
+            static.setflags(write=False)
+            self._static_mask = static
+        return self._static_mask
+
+    # ----- frames
+
+    def _check_range(self, start: int, stop: int | None) -> tuple[int, int]:
+        n = len(self)
+        start = int(start)
+        stop = n if stop is None else int(stop)
+        if start < 0:
+            start += n
+        if stop < 0:
+            stop += n
+        if not (0 <= start <= stop <= n):
+            raise FrameIndexError(
+                f"frames {start}..{stop} are outside the scan: it has {n} frames (valid range 0..{n - 1}, "
+                "start <= stop <= n)", file=self.path, path_in_file=self.data_path,
+            )
+        return start, stop
+
+    def read_raw(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """(stop-start, H, W) counts as stored (int32 for Pilatus), no filling; one slice read."""
+        start, stop = self._check_range(start, stop)
+        return self._frames().read(start, stop)
+
+    def _process(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """raw (b, H, W) -> (filled float32, bad bool)."""
+        static = self.bad_pixel_mask
+        unmeasured = bad_pixels(raw, static_mask=static, saturation_value=None)
+        saturation = self.saturation_value
+        bad = unmeasured | (raw >= saturation) if saturation is not None else unmeasured
+        to_fill = bad if self.fill_saturated else unmeasured
+        if not (to_fill & ~static).any():
+            frames = fill_bad_pixels(raw, static)  # common case: one fancy index for the batch
+        else:
+            frames = fill_bad_pixels(raw, to_fill)
+        return frames, bad
+
+    def __getitem__(self, index: int | slice) -> np.ndarray:
+        """``scan[i]`` -> (H, W) float32 filled frame; ``scan[a:b:s]`` -> (k, H, W)."""
+        n = len(self)
+        if isinstance(index, slice):
+            start, stop, step = index.indices(n)
+            if step == 1:
+                return self._process(self._frames().read(start, max(start, stop)))[0]
+            picks = list(range(start, stop, step))
+            if not picks:
+                return np.empty((0, *self.frame_shape), np.float32)
+            raw = np.stack([self._frames().read(i, i + 1)[0] for i in picks])
+            return self._process(raw)[0]
+        try:
+            i = int(index)  # numpy integers too
+        except TypeError:
+            raise TypeError(f"scan indices must be int or slice, not {type(index).__name__}") from None
+        if not -n <= i < n:
+            raise FrameIndexError(
+                f"frame {i} is outside the scan: it has {n} frames (valid 0..{n - 1}, or -{n}..-1)",
+                file=self.path, path_in_file=self.data_path,
+            )
+        if i < 0:
+            i += n
+        return self._process(self._frames().read(i, i + 1))[0][0]
+
+    def iter_frames(self, start: int = 0, stop: int | None = None, batch: int = 16) -> Iterator[FrameBatch]:
+        """Batches of consecutive frames, each read with one slice.
+
+        Args:
+            start, stop: frame range (negative counts from the end, like slicing).
+            batch: frames per batch (>= 1).
+
+        Yields:
+            :class:`FrameBatch` with (b, H, W) float32 filled frames and their bad-pixel masks.
+        """
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, got {batch}")
+        start, stop = self._check_range(start, stop)
+        for first in range(start, stop, batch):
+            raw = self._frames().read(first, min(first + batch, stop))
+            frames, bad = self._process(raw)
+            yield FrameBatch(start=first, frames=frames, bad_pixels=bad)
+
+
+def open_scan(
+    path: str | Path,
+    *,
+    detector: str | None = None,
+    dataset: str | None = None,
+    mask: str | Path | np.ndarray | None = None,
+    fill_saturated: bool = False,
+) -> Scan:
+    """Open a scan for lazy reading.
+
+    Args:
+        path: NeXus/HDF5 scan file (``.nxs``, ``.h5``, ``.hdf``).
+        detector: detector name (e.g. ``"pil3_100k"``); None = find it (area detectors preferred).
+        dataset: explicit HDF5 path of the (n, H, W) frames (or of an NXdata group).
+        mask: extra static bad pixels: an (H, W) array, or an .npy / TIFF / HDF5 file (nonzero = bad).
+        fill_saturated: also replace saturated pixels by their neighbours (default: keep them).
+
+    Returns:
+        a :class:`Scan`. Its metadata and axis can be read even when the frames cannot (e.g. the
+        linked detector file was not copied); frame access then raises LinkTargetMissingError.
+
+    Raises:
+        ScanFileNotFoundError, NotHDF5Error, CorruptFileError, DetectorDataNotFoundError,
+        ScanShapeError, EmptyScanError, MaskFileError.
+    """
+    return Scan(path, detector=detector, dataset=dataset, mask=mask, fill_saturated=fill_saturated)
