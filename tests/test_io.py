@@ -206,18 +206,20 @@ def test_iter_frames_batches_and_bad_pixels(linked_scans):
             np.testing.assert_array_equal(frames[k], scan[i])
         expected_bad = (written[1:20] < 0) | (written[1:20] >= SATURATION) | scan.bad_pixel_mask
         np.testing.assert_array_equal(bad, expected_bad)
-        # the saturated pixel (frame 2) is flagged but keeps its measured value by default
-        assert bad[1, 150, 300] and frames[1, 150, 300] == SATURATION + 5
+        # the saturated pixel (frame 2) is flagged and, by default, filled from its neighbours
+        assert bad[1, 150, 300] and frames[1, 150, 300] < SATURATION
         assert bad[2, 40, 400] and not bad[0, 40, 400]  # transient dead pixel of frame 3
 
 
 def test_fill_saturated_option(linked_scans):
     nexus, written = linked_scans[NEW_SCAN]
-    with open_scan(nexus, fill_saturated=True) as scan:
+    with open_scan(nexus) as scan:
         frame = scan[2]
         assert frame[150, 300] < SATURATION
         fill_mask = (written[2] < 0) | (written[2] >= SATURATION)
         assert_nearest_good_fill(written[2], frame, fill_mask)
+    with open_scan(nexus, fill_saturated=False) as scan:
+        assert scan[2][150, 300] == SATURATION + 5
 
 
 def test_one_slice_per_batch_and_files_stay_open(linked_scans, monkeypatch):

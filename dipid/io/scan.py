@@ -6,10 +6,10 @@ and the files stay open between reads. See :mod:`dipid.io.nexus` for the layouts
 Bad pixels (``bad_pixels`` masks) are the static mask (negative in the first frame, or in a user
 mask), negative or non-finite counts, and counts at or above the saturation value. The frames
 returned as float32 have every *unmeasured* pixel (static mask, negative, non-finite) replaced by
-its nearest good neighbour. Saturated pixels hold a real, if clipped, measurement: by default
-they keep their stored value (filling them from neighbours would cut the top off the strongest
-peaks); ``open_scan(..., fill_saturated=True)`` fills them too. They are flagged in
-``FrameBatch.bad_pixels`` either way.
+its nearest good neighbour, and so, by default, is every saturated pixel (its clipped value is
+not a measurement; the nearest unsaturated neighbours of a saturated core are themselves bright,
+so the peak keeps its shape). ``open_scan(..., fill_saturated=False)`` keeps the stored value of
+saturated pixels instead. They are flagged in ``FrameBatch.bad_pixels`` either way.
 """
 
 from __future__ import annotations
@@ -234,7 +234,7 @@ class Scan:
         detector: str | None = None,
         dataset: str | None = None,
         mask: str | Path | np.ndarray | None = None,
-        fill_saturated: bool = False,
+        fill_saturated: bool = True,
     ):
         self.path = Path(path).expanduser().absolute()
         self._detector_arg = detector
@@ -564,7 +564,7 @@ def open_scan(
     detector: str | None = None,
     dataset: str | None = None,
     mask: str | Path | np.ndarray | None = None,
-    fill_saturated: bool = False,
+    fill_saturated: bool = True,
 ) -> Scan:
     """Open a scan for lazy reading.
 
@@ -573,7 +573,7 @@ def open_scan(
         detector: detector name (e.g. ``"pil3_100k"``); None = find it (area detectors preferred).
         dataset: explicit HDF5 path of the (n, H, W) frames (or of an NXdata group).
         mask: extra static bad pixels: an (H, W) array, or an .npy / TIFF / HDF5 file (nonzero = bad).
-        fill_saturated: also replace saturated pixels by their neighbours (default: keep them).
+        fill_saturated: replace saturated pixels by their neighbours too (default); False keeps their stored value.
 
     Returns:
         a :class:`Scan`. Its metadata and axis can be read even when the frames cannot (e.g. the
