@@ -1,0 +1,301 @@
+"""Turning network outputs into instances: thresholds, mask NMS, components and fusion.
+
+NumPy and SciPy only (no torch), so the same code serves every model and the classical finder.
+Instances are plain arrays here: ``masks`` (N, H, W) bool and ``scores`` (N,) float32; the typed
+result classes that carry them live with the predictors.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import NamedTuple
+
+import numpy as np
+from scipy import ndimage
+
+from dipid.metrics import mask_intersection_matrix, mask_iou_matrix
+
+__all__ = [
+    "SOURCE_TLM",
+    "SOURCE_SSL",
+    "Components",
+    "FusedInstances",
+    "masks_to_boxes",
+    "instance_areas",
+    "filter_instances",
+    "mask_nms",
+    "binarize_masks",
+    "connected_instances",
+    "label_image",
+    "fuse_instances",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Bit flag in :attr:`FusedInstances.sources`: the instance comes from the Mask R-CNN model (TLM).
+SOURCE_TLM = np.uint8(1)
+#: Bit flag in :attr:`FusedInstances.sources`: the instance was found by the clustering model (SSLM).
+SOURCE_SSL = np.uint8(2)
+
+
+def _masks(masks: np.ndarray, name: str = "masks") -> np.ndarray:
+    arr = np.asarray(masks)
+    if arr.ndim != 3:
+        raise ValueError(f"{name} must be (N, H, W), got shape {arr.shape}")
+    return arr.astype(bool, copy=False)
+
+
+def _scores(scores: np.ndarray, n: int, name: str = "scores") -> np.ndarray:
+    arr = np.asarray(scores, dtype=np.float32).reshape(-1)
+    if arr.size != n:
+        raise ValueError(f"{n} masks but {arr.size} {name}")
+    return arr
+
+
+def masks_to_boxes(masks: np.ndarray) -> np.ndarray:
+    """Tight boxes of masks.
+
+    Args:
+        masks: (N, H, W) bool.
+    Returns:
+        (N, 4) float32 ``(x0, y0, x1, y1)`` in pixels with x1, y1 exclusive (last column/row + 1);
+        all zeros for an empty mask.
+    """
+    masks = _masks(masks)
+    n = len(masks)
+    boxes = np.zeros((n, 4), np.float32)
+    if n == 0:
+        return boxes
+    rows = masks.any(axis=2)  # (N, H)
+    cols = masks.any(axis=1)  # (N, W)
+    nonempty = rows.any(axis=1)
+    h, w = masks.shape[1:]
+    boxes[:, 0] = np.argmax(cols, axis=1)
+    boxes[:, 1] = np.argmax(rows, axis=1)
+    boxes[:, 2] = w - np.argmax(cols[:, ::-1], axis=1)
+    boxes[:, 3] = h - np.argmax(rows[:, ::-1], axis=1)
+    boxes[~nonempty] = 0
+    return boxes
+
+
+def instance_areas(masks: np.ndarray) -> np.ndarray:
+    """(N, H, W) bool -> (N,) int64 pixel counts."""
+    return _masks(masks).sum(axis=(1, 2), dtype=np.int64)
+
+
+def filter_instances(
+    masks: np.ndarray, scores: np.ndarray, *, score_threshold: float = 0.0, min_area: int = 0
+) -> np.ndarray:
+    """Indices (int64, original order) of instances with score >= threshold and area >= min_area."""
+    masks = _masks(masks)
+    scores = _scores(scores, len(masks))
+    keep = (scores >= score_threshold) & (instance_areas(masks) >= min_area)
+    return np.flatnonzero(keep).astype(np.int64)
+
+
+def mask_nms(masks: np.ndarray, scores: np.ndarray, *, iou_threshold: float = 0.5) -> np.ndarray:
+    """Greedy non-maximum suppression on mask IoU (not box IoU).
+
+    Visiting instances from the highest score down (ties in index order), an instance is dropped
+    when its mask IoU with an already kept one is > ``iou_threshold`` (strictly, as torchvision's
+    box NMS). Box overlap is a poor proxy here: neighbouring peaks on a detector often have
+    overlapping boxes while their masks barely touch.
+
+    Args:
+        masks: (N, H, W) bool; scores: (N,) float.
+    Returns:
+        (K,) int64 indices of the kept instances, by descending score.
+    """
+    masks = _masks(masks)
+    scores = _scores(scores, len(masks))
+    order = np.argsort(-scores, kind="stable")
+    if len(order) <= 1:
+        return order.astype(np.int64)
+    ious = mask_iou_matrix(masks[order], masks[order])
+    suppressed = np.zeros(len(order), bool)
+    kept = []
+    for rank in range(len(order)):
+        if suppressed[rank]:
+            continue
+        kept.append(rank)
+        suppressed |= ious[rank] > iou_threshold
+    return order[np.asarray(kept, np.int64)].astype(np.int64)
+
+
+def binarize_masks(mask_probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """(N, H, W) float probabilities -> bool masks, True where probability >= ``threshold``."""
+    return np.asarray(mask_probs) >= threshold
+
+
+class Components(NamedTuple):
+    """Connected components as instances (unpacks as ``masks, scores``).
+
+    Attributes:
+        masks: (N, H, W) bool, one component each, by descending score.
+        scores: (N,) float32.
+    """
+
+    masks: np.ndarray
+    scores: np.ndarray
+
+
+def connected_instances(
+    binary: np.ndarray,
+    *,
+    min_area: int = 4,
+    probability: np.ndarray | None = None,
+    connectivity: int = 2,
+) -> Components:
+    """Split a foreground map into instances, one per connected component.
+
+    Args:
+        binary: (H, W) bool foreground.
+        min_area: components with fewer pixels are dropped.
+        probability: optional (H, W) float; a component's score is its mean inside. Without it
+            every score is 1.0.
+        connectivity: 1 = 4-neighbours, 2 = 8-neighbours (diagonal pixels join).
+    Returns:
+        :class:`Components`, sorted by descending score (ties in raster order of the component).
+    """
+    binary = np.asarray(binary, dtype=bool)
+    if binary.ndim != 2:
+        raise ValueError(f"binary must be (H, W), got shape {binary.shape}")
+    if connectivity not in (1, 2):
+        raise ValueError(f"connectivity must be 1 or 2, got {connectivity}")
+    h, w = binary.shape
+    labels, n = ndimage.label(binary, structure=ndimage.generate_binary_structure(2, connectivity))
+    if n == 0:
+        return Components(np.zeros((0, h, w), bool), np.zeros(0, np.float32))
+    flat = labels.ravel()
+    # One pass over the frame for all areas and probability sums, rather than one per component.
+    areas = np.bincount(flat, minlength=n + 1)[1:]
+    if probability is None:
+        component_scores = np.ones(n, np.float64)
+    else:
+        probability = np.asarray(probability, dtype=np.float64)
+        if probability.shape != binary.shape:
+            raise ValueError(f"probability is {probability.shape}, binary {binary.shape}")
+        component_scores = np.bincount(flat, weights=probability.ravel(), minlength=n + 1)[1:] / np.maximum(areas, 1)
+    kept_labels = np.flatnonzero(areas >= min_area)
+    kept_labels = kept_labels[np.argsort(-component_scores[kept_labels], kind="stable")]
+    slices = ndimage.find_objects(labels)
+    masks = np.zeros((kept_labels.size, h, w), bool)
+    for k, index in enumerate(kept_labels):
+        window = slices[index]
+        masks[k][window] = labels[window] == index + 1
+    return Components(masks, component_scores[kept_labels].astype(np.float32))
+
+
+def label_image(masks: np.ndarray) -> np.ndarray:
+    """(N, H, W) bool -> (H, W) int32 label map: 0 = no instance, i + 1 = instance i.
+
+    Where instances overlap the earlier one (lower index) keeps the pixel.
+    """
+    masks = _masks(masks)
+    h, w = masks.shape[1:]
+    if len(masks) == 0:
+        return np.zeros((h, w), np.int32)
+    covered = masks.any(axis=0)
+    first = np.argmax(masks, axis=0)
+    return np.where(covered, first + 1, 0).astype(np.int32)
+
+
+class FusedInstances(NamedTuple):
+    """The joint output (unpacks as ``masks, scores, sources``).
+
+    Attributes:
+        masks: (N, H, W) bool, by descending score.
+        scores: (N,) float32 in [0, 1].
+        sources: (N,) uint8 bit flags: 1 (:data:`SOURCE_TLM`) Mask R-CNN only, 2
+            (:data:`SOURCE_SSL`) clustering only, 3 both.
+    """
+
+    masks: np.ndarray
+    scores: np.ndarray
+    sources: np.ndarray
+
+
+def _combined_confidence(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Probability that at least one of two independent detectors is right: 1 - (1-p)(1-q)."""
+    return 1.0 - (1.0 - p) * (1.0 - q)
+
+
+def fuse_instances(
+    tlm_masks: np.ndarray,
+    tlm_scores: np.ndarray,
+    ssl_masks: np.ndarray,
+    ssl_scores: np.ndarray,
+    *,
+    match_iou: float = 0.1,
+    ssl_min_score: float = 0.5,
+    add_unmatched_ssl: bool = True,
+    refine_with_ssl: bool = False,
+    refine_margin: int = 2,
+    nms_iou: float = 0.5,
+) -> FusedInstances:
+    """Combine Mask R-CNN (TLM) instances with clustering (SSLM) components: dipid's ``joint`` output.
+
+    The rule:
+
+    1. An SSLM component *confirms* a TLM instance when their mask IoU is >= ``match_iou`` or
+       at least half of the component lies inside the instance.
+    2. Every TLM instance is kept with its mask. A confirmed one gets the score
+       ``1 - (1 - s_tlm)(1 - s_ssl)`` (``s_ssl`` the best confirming component's score), i.e.
+       the chance that at least one of two independent detectors is right, and source 3.
+    3. With ``refine_with_ssl``, a confirmed instance's mask becomes the union of its confirming
+       components cut to the instance dilated by ``refine_margin`` pixels: clustering draws
+       pixel-exact edges where the TLM's 28 x 28 mask head is coarse, and the cut keeps two
+       instances that share one component apart. If the cut is empty the TLM mask stays.
+    4. With ``add_unmatched_ssl``, components that confirm no instance are added as instances
+       of their own (source 2) when their score is >= ``ssl_min_score``: peaks the TLM missed.
+    5. Mask NMS at ``nms_iou`` (see :func:`mask_nms`) removes duplicates.
+
+    Args:
+        tlm_masks: (N, H, W) bool; tlm_scores: (N,) float in [0, 1].
+        ssl_masks: (M, H, W) bool; ssl_scores: (M,) float in [0, 1].
+    Returns:
+        :class:`FusedInstances` by descending score.
+    """
+    tlm_masks, ssl_masks = _masks(tlm_masks, "tlm_masks"), _masks(ssl_masks, "ssl_masks")
+    if tlm_masks.shape[1:] != ssl_masks.shape[1:]:
+        raise ValueError(f"tlm masks are {tlm_masks.shape[1:]}, ssl masks {ssl_masks.shape[1:]}")
+    tlm_scores = _scores(tlm_scores, len(tlm_masks), "tlm_scores")
+    ssl_scores = _scores(ssl_scores, len(ssl_masks), "ssl_scores")
+
+    inter = mask_intersection_matrix(tlm_masks, ssl_masks)  # (N, M)
+    tlm_area = instance_areas(tlm_masks)
+    ssl_area = instance_areas(ssl_masks)
+    union = tlm_area[:, None] + ssl_area[None, :] - inter
+    iou = inter / np.maximum(union, 1)
+    ssl_inside_fraction = inter / np.maximum(ssl_area, 1)[None, :]
+    confirms = (inter > 0) & ((iou >= match_iou) | (ssl_inside_fraction >= 0.5))  # (N, M)
+
+    masks = tlm_masks.copy()
+    scores = tlm_scores.astype(np.float64)
+    sources = np.full(len(tlm_masks), SOURCE_TLM, np.uint8)
+    confirmed = confirms.any(axis=1)
+    if confirmed.any():
+        best_ssl = np.where(confirms, ssl_scores[None, :], -np.inf).max(axis=1)
+        scores[confirmed] = _combined_confidence(scores[confirmed], best_ssl[confirmed].astype(np.float64))
+        sources[confirmed] |= SOURCE_SSL
+    if refine_with_ssl:
+        structure = ndimage.generate_binary_structure(2, 2)
+        for i in np.flatnonzero(confirmed):
+            reach = ndimage.binary_dilation(tlm_masks[i], structure=structure, iterations=max(refine_margin, 0)) \
+                if refine_margin > 0 else tlm_masks[i]
+            refined = ssl_masks[confirms[i]].any(axis=0) & reach
+            if refined.any():
+                masks[i] = refined
+
+    if add_unmatched_ssl:
+        new = np.flatnonzero(~confirms.any(axis=0) & (ssl_scores >= ssl_min_score))
+        if new.size:
+            masks = np.concatenate([masks, ssl_masks[new]])
+            scores = np.concatenate([scores, ssl_scores[new].astype(np.float64)])
+            sources = np.concatenate([sources, np.full(new.size, SOURCE_SSL, np.uint8)])
+
+    scores32 = scores.astype(np.float32)
+    keep = mask_nms(masks, scores32, iou_threshold=nms_iou)
+    logger.debug("fused %d TLM + %d SSLM -> %d instances (%d confirmed)",
+                 len(tlm_masks), len(ssl_masks), keep.size, int(confirmed.sum()))
+    return FusedInstances(masks[keep], scores32[keep], sources[keep])

@@ -1,0 +1,558 @@
+"""Training the SSLM into a resumable run folder (what ``dipid train sslm`` calls).
+
+The optimisation itself is :func:`dipid.train.sslm.fit_sslm`; this module adds the run folder
+(:mod:`dipid.train.run`): reading unlabelled frames, epochs of ``steps_per_epoch`` steps with a
+history row, checkpoints and a resumable state after each, and the channel-role assignment
+(:func:`dipid.models.sslm.assign_channels`) stored in every checkpoint so each one is usable by
+the JointPredictor.
+
+Choices, and why:
+
+* **Frames are read once into memory**, normalised (:func:`normalize_counts`), at most
+  ``max_frames`` of them, evenly spaced over the scans: the SSLM trains on random batches across
+  every frame, and re-reading HDF5 per step would dominate the run.
+* **Epochs are chunks of steps.** Each epoch draws its batches from a generator seeded by
+  (seed, epoch), so an epoch's batches do not depend on how the run got there and a resumed run
+  repeats an uninterrupted one.
+* **Momentum restarts each epoch.** :func:`fit_sslm` builds its SGD optimiser per call and does
+  not hand it out, so there is no optimiser state to save; restarting it at every epoch boundary
+  in every run (not only after a resume) keeps resumed runs identical to straight ones. With the
+  default 50 steps per epoch the restart costs a few steps of momentum build-up (0.9: ~10 steps).
+* **Best checkpoint**: highest validation IoU (mean union IoU of the peak mask against labelled
+  frames) when ``labels`` are given; otherwise the lowest mean training loss of the epoch.
+* **Channel roles** are assigned after every epoch from the statistics of ``assign_frames``
+  evenly spaced training frames (or by majority vote on the labelled frames with
+  ``assign_with_labels``; the validation IoU is then measured on the frames the roles were
+  chosen on, so it is optimistic).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shlex
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dipid.errors import TrainingError
+from dipid.models.normalize import normalize_counts
+from dipid.train.run import (
+    RunFolder,
+    RunProgress,
+    RunSummary,
+    TrainEvent,
+    all_finite,
+    atomic_copy,
+    call_callback,
+    capture_rng_state,
+    compare_configs,
+    derive_seed,
+    jsonable,
+    load_state,
+    now_iso,
+    read_history_csv,
+    restore_rng_state,
+    save_state,
+    seed_everything,
+    training_guard,
+    versions,
+    write_history_csv,
+    write_history_html,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "SSLMTrainOptions",
+    "SSLM_HISTORY_COLUMNS",
+    "TrainingFrames",
+    "train_sslm_run",
+    "run_sslm_training",
+    "load_unlabelled_frames",
+    "epoch_batches",
+    "epoch_lengths",
+]
+
+#: SSLM loss terms as :func:`dipid.models.sslm.sslm_loss` names them.
+SSLM_LOSS_PARTS = ("similarity", "continuity", "context")
+#: Columns of an SSLM run's history.csv.
+SSLM_HISTORY_COLUMNS = ("epoch", "step", "loss", *SSLM_LOSS_PARTS, "clusters", "peak_channels", "val_iou", "lr",
+                        "seconds")
+_FIXED_ON_RESUME = ("model_options", "seed", "steps_per_epoch", "batch_size", "max_frames")
+
+
+@dataclass
+class SSLMTrainOptions:
+    """Every option of an SSLM training run (stored in config.json).
+
+    Attributes:
+        scans: scan files (NeXus/HDF5) and/or ``"sim:<preset>"`` specs of unlabelled frames.
+        out: the run folder.
+        steps: optimiser steps in total (a resumed run continues up to this).
+        steps_per_epoch: steps between history rows and checkpoints.
+        batch_size: frames per step.
+        lr, momentum: SGD settings of :func:`dipid.train.sslm.fit_sslm`.
+        device: "auto", "cpu", "cuda", ...
+        seed: seeds the initial weights and the batches.
+        resume: continue the run in ``out`` from its last finished epoch.
+        labels: COCO JSON of labelled frames: validation IoU each epoch, best by IoU.
+        assign_with_labels: assign channel roles by majority vote on ``labels`` instead of from
+            the training frames' statistics.
+        max_frames: most training frames held in memory (evenly spaced over the scans).
+        assign_frames: training frames used for the statistical channel assignment.
+        val_threshold: peak probability that counts as peak for the validation IoU.
+        model_options: keyword options of :func:`dipid.models.build_sslm` (channels, num_conv, ...).
+        progress: show tqdm progress bars.
+    """
+
+    scans: Sequence[str | Path] | str | Path
+    out: str | Path
+    steps: int = 300
+    steps_per_epoch: int = 50
+    batch_size: int = 4
+    lr: float = 0.1
+    momentum: float = 0.9
+    device: str = "auto"
+    seed: int = 0
+    resume: bool = False
+    labels: str | Path | None = None
+    assign_with_labels: bool = False
+    max_frames: int = 1024
+    assign_frames: int = 32
+    val_threshold: float = 0.5
+    model_options: dict[str, Any] = field(default_factory=dict)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.scans, (str, Path)):
+            self.scans = [self.scans]
+        self.scans = [str(s) for s in self.scans]
+        if not self.scans:
+            raise TrainingError("no scans given: pass scan files or a sim:<preset> spec")
+        for name in ("steps", "steps_per_epoch", "batch_size", "max_frames", "assign_frames"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if self.assign_with_labels and self.labels is None:
+            raise ValueError("assign_with_labels needs labels")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return jsonable(asdict(self))
+
+    def resume_command(self) -> str:
+        """The shell command that resumes this run."""
+        scans = " ".join(shlex.quote(s) for s in self.scans)
+        labels = f" --labels {shlex.quote(str(self.labels))}" if self.labels is not None else ""
+        return f"dipid train sslm --scans {scans} --out {shlex.quote(str(self.out))}{labels} --resume"
+
+
+@dataclass
+class TrainingFrames:
+    """Unlabelled training frames held in memory.
+
+    Attributes:
+        frames: (N, 1, H, W) float32 normalised counts.
+        sources: N "<scan or spec>#<frame>" strings, where each frame came from.
+    """
+
+    frames: torch.Tensor
+    sources: list[str]
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+
+@dataclass
+class _Validation:
+    """Labelled frames for the validation IoU: (N, 1, H, W) normalised, (N, H, W) bool union masks."""
+
+    frames: torch.Tensor
+    masks: np.ndarray
+
+
+# ================================================================================ pure helpers
+def epoch_lengths(total_steps: int, steps_per_epoch: int) -> list[int]:
+    """Steps in each epoch: full epochs of ``steps_per_epoch`` and a shorter last one."""
+    full, rest = divmod(int(total_steps), int(steps_per_epoch))
+    return [int(steps_per_epoch)] * full + ([rest] if rest else [])
+
+
+def epoch_batches(n_frames: int, batch_size: int, n_steps: int, *, seed: int, epoch: int) -> list[torch.Tensor]:
+    """Frame indices of each step of one epoch: shuffled passes over all frames, no repeats within a batch.
+
+    Depends only on its arguments (its own generator seeded from (seed, epoch)).
+    """
+    generator = torch.Generator().manual_seed(derive_seed(seed, "sslm-batches", epoch))
+    batch_size = min(batch_size, n_frames)
+    order = torch.empty(0, dtype=torch.int64)
+    batches = []
+    for _ in range(n_steps):
+        if len(order) < batch_size:
+            order = torch.cat([order, torch.randperm(n_frames, generator=generator)])
+        batches.append(order[:batch_size])
+        order = order[batch_size:]
+    return batches
+
+
+def _spaced(n: int, k: int) -> np.ndarray:
+    """``min(n, k)`` evenly spaced indices into range(n)."""
+    return np.unique(np.linspace(0, n - 1, min(n, k)).round().astype(np.int64))
+
+
+# ================================================================================ data
+def load_unlabelled_frames(
+    scans: Sequence[str | Path], *, max_frames: int = 1024, seed: int = 0
+) -> TrainingFrames:
+    """Read and normalise frames from scan files and/or ``sim:`` specs.
+
+    Args:
+        scans: NeXus/HDF5 scan paths (read with :func:`dipid.io.open_scan`, bad pixels filled)
+            or ``"sim:<preset>[:<scans>]"`` specs (simulated with ``seed``).
+        max_frames: at most this many frames in total, evenly spaced over every source.
+        seed: seed of the simulated sources.
+    Returns:
+        :class:`TrainingFrames` with (N, 1, H, W) float32 normalised frames.
+    Raises:
+        TrainingError: no frames, or sources with different frame sizes.
+        ScanError (and subclasses): a scan file that cannot be read.
+    """
+    from dipid.io import open_scan
+
+    counted: list[tuple[str, Any, int]] = []  # (name, opened source, frames available)
+    for i, spec in enumerate(scans):
+        text = str(spec)
+        if text.strip().startswith("sim:"):
+            from dipid.train.datasets import load_training_data
+
+            data = load_training_data(text, seed=derive_seed(seed, "sim", i))
+            if hasattr(data, "set_epoch"):
+                data.set_epoch(0)
+            counted.append((text, data, len(data)))  # type: ignore[arg-type]
+        else:
+            scan = open_scan(text)
+            counted.append((text, scan, len(scan)))
+    total = sum(n for _, _, n in counted)
+    if total == 0:
+        raise TrainingError(f"the scans {', '.join(map(str, scans))} hold no frames")
+    frames: list[torch.Tensor] = []
+    sources: list[str] = []
+    for name, source, n in counted:
+        # Each source keeps its share of max_frames, so a long scan does not crowd out short ones.
+        keep = _spaced(n, max(1, round(max_frames * n / total)))
+        if name.strip().startswith("sim:"):
+            wanted = set(keep.tolist())
+            for k, (image, _) in enumerate(source):
+                if k in wanted:
+                    frames.append(image.float()[None])
+                    sources.append(f"{name}#{k}")
+                if k >= keep[-1]:
+                    break
+        else:
+            if len(keep) == n:
+                counts = np.asarray(source[0:n], dtype=np.float32)  # one read of the whole scan
+            else:
+                counts = np.stack([np.asarray(source[int(k)], dtype=np.float32) for k in keep])
+            counts = torch.from_numpy(counts)
+            frames.append(normalize_counts(counts)[:, None])
+            sources += [f"{name}#{k}" for k in keep.tolist()]
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
+    shapes = sorted({tuple(f.shape[-2:]) for f in frames})
+    if len(shapes) != 1:
+        raise TrainingError(
+            f"the scans have frames of different sizes {shapes}; train one SSLM per detector (pass scans of one size)"
+        )
+    stacked = torch.cat(frames)[: max_frames]
+    return TrainingFrames(frames=stacked.contiguous(), sources=sources[: len(stacked)])
+
+
+def _load_validation(labels: str | Path) -> _Validation:
+    from dipid.io import open_scan, read_coco
+
+    label_set = read_coco(labels)
+    if len(label_set) == 0:
+        raise TrainingError(f"{labels}: the label file holds no frames; pass a COCO file with labelled frames")
+    frames, masks = [], []
+    for scan_name, group in label_set.by_scan().items():
+        path = label_set.scan_path(scan_name)
+        if not path.exists():
+            raise TrainingError(f"{labels}: names scan {scan_name!r}, which is not at {path}; put the scan there")
+        scan = open_scan(path)
+        try:
+            for fl in group:
+                counts = np.asarray(scan[fl.frame], dtype=np.float32)
+                if counts.shape != (fl.height, fl.width):
+                    raise TrainingError(
+                        f"{labels}: frame {fl.frame} of {path} is {counts.shape} but labelled as "
+                        f"{(fl.height, fl.width)}; the labels belong to another scan or detector"
+                    )
+                frames.append(torch.from_numpy(counts))
+                masks.append(fl.union_mask())
+        finally:
+            scan.close()
+    return _Validation(frames=normalize_counts(torch.stack(frames))[:, None], masks=np.stack(masks))
+
+
+# ================================================================================ public API
+def train_sslm_run(
+    *,
+    scans: Sequence[str | Path] | str | Path,
+    out: str | Path,
+    steps: int = 300,
+    batch_size: int = 4,
+    lr: float = 0.1,
+    device: str = "auto",
+    seed: int = 0,
+    resume: bool = False,
+    labels: str | Path | None = None,
+    progress: bool = True,
+    callback: Callable[[TrainEvent], None] | None = None,
+    **options: Any,
+) -> RunSummary:
+    """Train an SSLM on unlabelled frames into the run folder ``out``.
+
+    Args:
+        scans: scan files and/or ``sim:`` specs (see :class:`SSLMTrainOptions`).
+        callback: called with a :class:`TrainEvent` after every step and every saved epoch; an
+            exception it raises stops training (KeyboardInterrupt is handled like Ctrl-C).
+        **options: further :class:`SSLMTrainOptions` fields (steps_per_epoch, model_options, ...).
+    Returns:
+        :class:`RunSummary`; ``out/best.safetensors`` and ``out/last.safetensors`` hold SSLMs with
+        their channel roles assigned.
+    Raises:
+        TrainingError: NaN/inf loss, out of memory or Ctrl-C; the message names the run folder
+            and the command that resumes it.
+    """
+    known = {f.name for f in fields(SSLMTrainOptions)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"train_sslm_run() got unknown options {unknown}; valid: {sorted(known)}")
+    opts = SSLMTrainOptions(scans=scans, out=out, steps=steps, batch_size=batch_size, lr=lr, device=device,
+                            seed=seed, resume=resume, labels=labels, progress=progress, **options)
+    return run_sslm_training(opts, callback=callback)
+
+
+def run_sslm_training(opts: SSLMTrainOptions, *, callback: Callable[[TrainEvent], None] | None = None) -> RunSummary:
+    """Run (or resume) the SSLM training described by ``opts``; see :func:`train_sslm_run`."""
+    started = time.perf_counter()
+    folder = RunFolder(Path(opts.out))
+    existing = folder.prepare(resume=opts.resume, kind="sslm")
+    progress = RunProgress(unit="epoch")
+    with training_guard(folder.path, progress=progress, resume_command=opts.resume_command()):
+        return _SSLMTrainer(opts, folder, progress, callback).run(existing, started)
+
+
+class _SSLMTrainer:
+    """One SSLM run. Private: the public surface is train_sslm_run."""
+
+    def __init__(self, opts: SSLMTrainOptions, folder: RunFolder, progress: RunProgress,
+                 callback: Callable[[TrainEvent], None] | None):
+        from dipid.predict import resolve_device
+
+        self.opts = opts
+        self.folder = folder
+        self.progress = progress
+        self.callback = callback
+        self.device = resolve_device(opts.device)
+        self.history: list[dict[str, Any]] = []
+        self.global_step = 0
+        self.best: dict[str, Any] = {"epoch": None, "metric": None}
+
+    def run(self, existing: dict[str, Any] | None, started: float) -> RunSummary:
+        from dipid.models import build_sslm
+
+        opts = self.opts
+        seed_everything(opts.seed)
+        state = None
+        changed: dict[str, Any] = {}
+        if existing is not None:
+            changed = {k: v for k, v in compare_configs(existing.get("options", {}), opts.to_dict(),
+                                                        fixed=_FIXED_ON_RESUME).items() if k != "resume"}
+            if changed:
+                logger.warning("resuming %s with changed options: %s", self.folder.path,
+                               ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+            if self.folder.state.is_file():
+                state, _ = load_state(self.folder.state)
+
+        self.model = build_sslm(**opts.model_options).to(self.device)
+        self.data = load_unlabelled_frames(opts.scans, max_frames=opts.max_frames, seed=opts.seed)
+        self.validation = _load_validation(opts.labels) if opts.labels is not None else None
+        if self.validation is not None and self.validation.frames.shape[-2:] != self.data.frames.shape[-2:]:
+            raise TrainingError(
+                f"{opts.labels}: labelled frames are {tuple(self.validation.frames.shape[-2:])} but the training "
+                f"frames are {tuple(self.data.frames.shape[-2:])}; use labels of the same detector"
+            )
+        self.best_metric_name = "val_iou" if self.validation is not None else "loss"
+        self.assign_picks = torch.from_numpy(_spaced(len(self.data), opts.assign_frames))
+        lengths = epoch_lengths(opts.steps, opts.steps_per_epoch)
+        logger.info("SSLM run %s: %d frames %s, %d steps in %d epochs", self.folder.path, len(self.data),
+                    tuple(self.data.frames.shape[-2:]), opts.steps, len(lengths))
+
+        start_epoch, resumed_from = 1, None
+        if state is not None:
+            resumed_from = self._restore(state)
+            start_epoch = resumed_from + 1
+            self.history = [r for r in read_history_csv(self.folder.history_csv) if r["epoch"] <= resumed_from]
+            logger.info("resuming %s after epoch %d (step %d)", self.folder.path, resumed_from, self.global_step)
+        self._write_config(existing, changed, resumed_from)
+
+        for epoch in range(start_epoch, len(lengths) + 1):
+            self._epoch(epoch, lengths[epoch - 1], len(lengths))
+        return RunSummary(
+            run_dir=self.folder.path,
+            kind="sslm",
+            epochs_completed=self.progress.saved or 0,
+            best_epoch=self.best["epoch"],
+            best_metric_name=self.best_metric_name,
+            best_metric=self.best["metric"],
+            resumed_from_epoch=resumed_from,
+            history=[dict(r) for r in self.history],
+            seconds=time.perf_counter() - started,
+        )
+
+    def _write_config(self, existing: dict[str, Any] | None, changed: dict[str, Any], resumed_from: int | None) -> None:
+        config = dict(existing) if existing is not None else {
+            "kind": "sslm", "created": now_iso(), "versions": versions(), "resumes": []}
+        config["options"] = self.opts.to_dict()
+        config["data"] = {"scans": list(self.opts.scans), "frames_used": len(self.data),
+                          "frame_shape": list(self.data.frames.shape[-2:]),
+                          "labels": None if self.opts.labels is None else str(self.opts.labels)}
+        config["model"] = jsonable(asdict(self.model.config))
+        config["optimizer"] = {"name": "SGD (fit_sslm)", "lr": self.opts.lr, "momentum": self.opts.momentum,
+                               "momentum_restarts": "every epoch"}
+        config["device"] = str(self.device)
+        config["best_metric"] = self.best_metric_name
+        if existing is not None:
+            config.setdefault("resumes", []).append({"time": now_iso(), "from_epoch": resumed_from,
+                                                     "versions": versions(),
+                                                     "changed": {k: list(v) for k, v in changed.items()}})
+        self.folder.write_config(config)
+
+    def _restore(self, state: dict[str, Any]) -> int:
+        self.model.load_state_dict(state["model"])
+        roles = state.get("channel_roles")
+        self.model.config.channel_roles = None if roles is None else [int(r) for r in roles]
+        self.global_step = int(state["global_step"])
+        self.best = dict(state["best"])
+        self.progress.saved = int(state["epoch"])
+        restore_rng_state(state["rng"])
+        return int(state["epoch"])
+
+    def _epoch(self, epoch: int, n_steps: int, n_epochs: int) -> None:
+        from dipid.train.sslm import fit_sslm
+
+        opts = self.opts
+        self.progress.current = epoch
+        t0 = time.perf_counter()
+        batches = [self.data.frames[idx] for idx in epoch_batches(len(self.data), opts.batch_size, n_steps,
+                                                                   seed=opts.seed, epoch=epoch)]
+        first_step = self.global_step
+
+        def on_step(step: int, record: dict[str, float]) -> None:
+            self.global_step = first_step + step + 1
+            call_callback(self.callback, TrainEvent("step", epoch, step + 1, self.global_step, dict(record)))
+
+        try:
+            records = fit_sslm(self.model, batches, steps=n_steps, lr=opts.lr, momentum=opts.momentum,
+                               device=self.device, progress=opts.progress, callback=on_step)
+        except TrainingError as exc:
+            raise TrainingError(
+                f"{exc} The run stopped in epoch {epoch}; {self.folder.path} keeps the last good epoch "
+                f"({self.progress.describe()}; best.safetensors is untouched). Resume with "
+                f"`{opts.resume_command()}` and a lower --lr"
+            ) from exc
+        self.global_step = first_step + len(records)
+        if not all_finite(self.model):
+            raise TrainingError(
+                f"the SSLM weights became NaN/inf in epoch {epoch}; {self.folder.path} keeps the last good epoch "
+                f"({self.progress.describe()}). Resume with `{opts.resume_command()}` and a lower --lr"
+            )
+        roles = self._assign_roles()
+        val_iou = self._validate() if self.validation is not None else math.nan
+        row: dict[str, Any] = {
+            "epoch": epoch,
+            "step": self.global_step,
+            "loss": float(np.mean([r["total"] for r in records])),
+            **{k: float(np.mean([r[k] for r in records])) for k in SSLM_LOSS_PARTS},
+            "clusters": float(np.mean([r["clusters"] for r in records])),
+            "peak_channels": sum(1 for r in roles if r != 0),
+            "val_iou": val_iou,
+            "lr": opts.lr,
+            "seconds": time.perf_counter() - t0,
+        }
+        self.history.append(row)
+        self._save_epoch(epoch, row)
+        logger.info("SSLM epoch %d/%d (step %d): loss %.4f, %d clusters, %d peak channels%s", epoch, n_epochs,
+                    self.global_step, row["loss"], round(row["clusters"]), row["peak_channels"],
+                    f", val IoU {val_iou:.3f}" if self.validation is not None else "")
+        call_callback(self.callback, TrainEvent("epoch", epoch, len(records), self.global_step, dict(row)))
+
+    def _assign_roles(self) -> list[int]:
+        from dipid.models.sslm import assign_channels
+
+        if self.opts.assign_with_labels and self.validation is not None:
+            return assign_channels(self.model, self.validation.frames,
+                                   labels=torch.from_numpy(self.validation.masks))
+        return assign_channels(self.model, self.data.frames[self.assign_picks])
+
+    @torch.no_grad()
+    def _validate(self) -> float:
+        from dipid.metrics import mean_union_iou
+
+        assert self.validation is not None
+        self.model.eval()
+        pairs = []
+        for start in range(0, len(self.validation.frames), self.opts.batch_size):
+            x = self.validation.frames[start : start + self.opts.batch_size].to(self.device)
+            predicted = (self.model.peak_probability(x) >= self.opts.val_threshold).cpu().numpy()
+            for k, mask in enumerate(predicted):
+                pairs.append((mask, self.validation.masks[start + k]))
+        return mean_union_iou(pairs)
+
+    def _save_epoch(self, epoch: int, row: dict[str, Any]) -> None:
+        from dipid.models import save_checkpoint
+
+        opts = self.opts
+        metric = row[self.best_metric_name]
+        best_metric = self.best["metric"]
+        if self.best_metric_name == "val_iou":
+            improved = not math.isnan(metric) and (best_metric is None or metric > best_metric)
+        else:
+            improved = math.isfinite(metric) and (best_metric is None or metric < best_metric)
+        metadata = jsonable({
+            "run": str(self.folder.path), "kind": "sslm", "epoch": epoch, "step": self.global_step,
+            "seed": opts.seed, "train_data": list(opts.scans), "frames_used": len(self.data),
+            "labels": None if opts.labels is None else str(opts.labels),
+            "metrics": {k: row[k] for k in ("loss", *SSLM_LOSS_PARTS, "clusters", "val_iou")},
+            "channel_roles_from": "labels" if opts.assign_with_labels else "statistics",
+            "best_metric": self.best_metric_name, "dipid_version": versions()["dipid"],
+        })
+        # Checkpoints and history first, the state last: the state is the commit point of a resume.
+        save_checkpoint(self.model, self.folder.last, metadata=metadata)
+        if improved:
+            self.best = {"epoch": epoch, "metric": metric}
+            atomic_copy(self.folder.last, self.folder.best)
+        write_history_csv(self.folder.history_csv, self.history, SSLM_HISTORY_COLUMNS)
+        write_history_html(self.folder.history_html, self.history, x="step",
+                           loss_columns=("loss", *SSLM_LOSS_PARTS), metric_columns=("val_iou", "clusters"),
+                           title=f"dipid SSLM training: {self.folder.path.name}")
+        save_state(self.folder.state, {
+            "model": self.model.state_dict(),
+            "channel_roles": self.model.config.channel_roles,
+            "epoch": epoch,
+            "global_step": self.global_step,
+            "best": self.best,
+            "rng": capture_rng_state(),
+        }, summary={"kind": "sslm", "epoch": epoch, "global_step": self.global_step, "steps": opts.steps,
+                    "best_metric": self.best_metric_name, "best_epoch": self.best["epoch"],
+                    "best_value": self.best["metric"], "saved": now_iso()})
+        self.progress.saved = epoch

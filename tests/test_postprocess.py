@@ -1,0 +1,214 @@
+"""Tests of dipid.postprocess on hand-made masks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dipid.io.coco import FrameLabels
+from dipid.postprocess import (
+    SOURCE_SSL,
+    SOURCE_TLM,
+    binarize_masks,
+    connected_instances,
+    filter_instances,
+    fuse_instances,
+    instance_areas,
+    label_image,
+    mask_nms,
+    masks_to_boxes,
+)
+
+SHAPE = (12, 16)
+
+
+def box_mask(rows: slice, cols: slice, shape: tuple[int, int] = SHAPE) -> np.ndarray:
+    mask = np.zeros(shape, bool)
+    mask[rows, cols] = True
+    return mask
+
+
+def test_masks_to_boxes_exclusive_corners_and_empty():
+    m = np.zeros((2, *SHAPE), bool)
+    m[0, 1:3, 3:6] = True   # rows 1-2, cols 3-5
+    m[0, 7, 9] = True       # a stray pixel widens the box
+    boxes = masks_to_boxes(m)
+    assert boxes.dtype == np.float32 and boxes.shape == (2, 4)
+    np.testing.assert_array_equal(boxes[0], [3, 1, 10, 8])
+    np.testing.assert_array_equal(boxes[1], [0, 0, 0, 0])
+    assert masks_to_boxes(np.zeros((0, *SHAPE), bool)).shape == (0, 4)
+
+
+def test_masks_to_boxes_agrees_with_pycocotools():
+    rng = np.random.default_rng(0)
+    masks = rng.random((6, *SHAPE)) < 0.05
+    masks[:, 5, 5] = True  # none empty
+    expected = FrameLabels.from_masks("s", 0, masks).boxes_xyxy()
+    np.testing.assert_array_equal(masks_to_boxes(masks), expected)
+
+
+def test_instance_areas_and_filter():
+    masks = np.stack([box_mask(slice(0, 2), slice(0, 2)), box_mask(slice(4, 5), slice(0, 3)), box_mask(slice(6, 9), slice(6, 9))])
+    areas = instance_areas(masks)
+    assert areas.dtype == np.int64
+    np.testing.assert_array_equal(areas, [4, 3, 9])
+    scores = np.array([0.9, 0.8, 0.2])
+    np.testing.assert_array_equal(filter_instances(masks, scores, score_threshold=0.5), [0, 1])
+    np.testing.assert_array_equal(filter_instances(masks, scores, min_area=4), [0, 2])
+    np.testing.assert_array_equal(filter_instances(masks, scores, score_threshold=0.5, min_area=4), [0])
+    np.testing.assert_array_equal(filter_instances(masks, scores, score_threshold=0.8), [0, 1])  # >= threshold
+    with pytest.raises(ValueError):
+        filter_instances(masks, scores[:2])
+
+
+def test_mask_nms_suppresses_by_mask_iou():
+    a = box_mask(slice(0, 4), slice(0, 5))   # 20 px
+    b = box_mask(slice(0, 4), slice(0, 4))   # IoU with a = 16/20 = 0.8
+    c = box_mask(slice(6, 9), slice(6, 9))   # disjoint
+    masks = np.stack([b, a, c])
+    keep = mask_nms(masks, np.array([0.8, 0.9, 0.7]), iou_threshold=0.5)
+    np.testing.assert_array_equal(keep, [1, 2])  # a (best) survives, b suppressed, c kept
+    np.testing.assert_array_equal(mask_nms(masks, np.array([0.8, 0.9, 0.7]), iou_threshold=0.85), [1, 0, 2])
+
+
+def test_mask_nms_keeps_masks_whose_boxes_overlap():
+    # Two L shapes interleaved: boxes overlap with IoU 25/36 > 0.5, pixels are disjoint. Box NMS
+    # at 0.5 would drop one.
+    first = np.zeros(SHAPE, bool)
+    first[0, 0:6] = True
+    first[0:6, 0] = True
+    second = np.zeros(SHAPE, bool)
+    second[5, 1:6] = True
+    second[0:5, 5] = True
+    boxes = masks_to_boxes(np.stack([first, second]))
+    np.testing.assert_array_equal(boxes, [[0, 0, 6, 6], [1, 0, 6, 6]])
+    np.testing.assert_array_equal(mask_nms(np.stack([first, second]), np.array([0.9, 0.8])), [0, 1])
+
+
+def test_mask_nms_threshold_is_strict_and_handles_edge_sizes():
+    a = box_mask(slice(0, 2), slice(0, 4))  # 8 px
+    b = box_mask(slice(0, 2), slice(2, 6))  # 8 px, 4 shared: IoU = 4/12
+    a2 = box_mask(slice(0, 2), slice(0, 3))  # IoU with a = 6/8 = 0.75
+    masks = np.stack([a, a2])
+    np.testing.assert_array_equal(mask_nms(masks, np.array([0.9, 0.5]), iou_threshold=0.75), [0, 1])
+    np.testing.assert_array_equal(mask_nms(masks, np.array([0.9, 0.5]), iou_threshold=0.74), [0])
+    np.testing.assert_array_equal(mask_nms(np.stack([a, b]), np.array([0.2, 0.9]), iou_threshold=0.3), [1])
+    assert mask_nms(np.zeros((0, *SHAPE), bool), np.zeros(0)).size == 0
+    np.testing.assert_array_equal(mask_nms(a[None], np.array([0.1])), [0])
+
+
+def test_binarize_masks():
+    probs = np.array([[[0.2, 0.5], [0.7, 0.49]]])
+    np.testing.assert_array_equal(binarize_masks(probs), [[[False, True], [True, False]]])
+    np.testing.assert_array_equal(binarize_masks(probs, 0.7), [[[False, False], [True, False]]])
+
+
+def test_connected_instances_areas_scores_and_order():
+    binary = np.zeros(SHAPE, bool)
+    binary[0:2, 0:3] = True     # 6 px, probability 0.6
+    binary[5:7, 5:7] = True     # 4 px, probability 0.9
+    binary[10, 10:12] = True    # 2 px: below min_area
+    probability = np.zeros(SHAPE)
+    probability[0:2, 0:3] = 0.6
+    probability[5:7, 5:7] = 0.9
+    probability[5, 5] = 0.5     # mean of the 4 px: (0.5 + 3 * 0.9) / 4 = 0.8
+    masks, scores = connected_instances(binary, min_area=4, probability=probability)
+    assert masks.shape == (2, *SHAPE) and masks.dtype == bool and scores.dtype == np.float32
+    np.testing.assert_allclose(scores, [0.8, 0.6], rtol=1e-6)
+    np.testing.assert_array_equal(masks[0], box_mask(slice(5, 7), slice(5, 7)))
+    np.testing.assert_array_equal(masks[1], box_mask(slice(0, 2), slice(0, 3)))
+    masks, scores = connected_instances(binary, min_area=1)
+    assert len(masks) == 3
+    np.testing.assert_array_equal(scores, [1.0, 1.0, 1.0])
+    # without probabilities, ties keep raster order of the components
+    np.testing.assert_array_equal(instance_areas(masks), [6, 4, 2])
+
+
+def test_connected_instances_connectivity():
+    binary = np.zeros(SHAPE, bool)
+    binary[0:2, 0:2] = True
+    binary[2:4, 2:4] = True  # touches the first block only at a corner
+    assert len(connected_instances(binary, connectivity=2).masks) == 1
+    assert len(connected_instances(binary, connectivity=1).masks) == 2
+    empty = connected_instances(np.zeros(SHAPE, bool))
+    assert empty.masks.shape == (0, *SHAPE) and empty.scores.shape == (0,)
+    with pytest.raises(ValueError):
+        connected_instances(binary, connectivity=3)
+
+
+def test_label_image_earlier_instance_wins():
+    a = box_mask(slice(0, 3), slice(0, 3))
+    b = box_mask(slice(2, 5), slice(2, 5))  # overlaps a at (2, 2)
+    labels = label_image(np.stack([a, b]))
+    assert labels.dtype == np.int32
+    assert labels[2, 2] == 1
+    assert labels[0, 0] == 1 and labels[4, 4] == 2 and labels[8, 8] == 0
+    assert np.count_nonzero(labels == 2) == 8
+    np.testing.assert_array_equal(label_image(np.zeros((0, *SHAPE), bool)), np.zeros(SHAPE, np.int32))
+
+
+# --- fusion ----------------------------------------------------------------------------------
+
+SHAPE_FUSION = (30, 40)
+
+
+def _fusion_case():
+    shape = SHAPE_FUSION
+    t0 = box_mask(slice(2, 8), slice(2, 8), shape)       # 36 px, score 0.8
+    t1 = box_mask(slice(2, 12), slice(20, 30), shape)    # 100 px, score 0.6
+    s0 = box_mask(slice(4, 10), slice(4, 10), shape)     # IoU with t0 = 16/56 = 0.29 -> confirms t0
+    s1 = box_mask(slice(20, 25), slice(2, 7), shape)     # far from everything, score 0.7
+    s2 = box_mask(slice(20, 25), slice(30, 35), shape)   # far, but score 0.3
+    s3 = box_mask(slice(5, 7), slice(24, 26), shape)     # 4 px inside t1: IoU 0.04, but all inside
+    tlm = (np.stack([t0, t1]), np.array([0.8, 0.6]))
+    ssl = (np.stack([s0, s1, s2, s3]), np.array([0.5, 0.7, 0.3, 0.4]))
+    return tlm, ssl
+
+
+def test_fuse_instances_rule():
+    (tm, ts), (sm, ss) = _fusion_case()
+    masks, scores, sources = fuse_instances(tm, ts, sm, ss)
+    # t0 confirmed by s0: 1 - 0.2 * 0.5 = 0.9; s1 added (0.7); t1 confirmed by s3: 1 - 0.4 * 0.6 = 0.76;
+    # s2 below ssl_min_score; s0 and s3 are not added a second time.
+    np.testing.assert_allclose(scores, [0.9, 0.76, 0.7], rtol=1e-6)
+    np.testing.assert_array_equal(sources, [SOURCE_TLM | SOURCE_SSL, SOURCE_TLM | SOURCE_SSL, SOURCE_SSL])
+    assert sources.dtype == np.uint8
+    np.testing.assert_array_equal(masks[0], tm[0])  # TLM masks are kept as they are
+    np.testing.assert_array_equal(masks[1], tm[1])
+    np.testing.assert_array_equal(masks[2], sm[1])
+
+
+def test_fuse_instances_knobs():
+    (tm, ts), (sm, ss) = _fusion_case()
+    _, scores, sources = fuse_instances(tm, ts, sm, ss, add_unmatched_ssl=False)
+    np.testing.assert_array_equal(sources, [3, 3])
+    _, scores, sources = fuse_instances(tm, ts, sm, ss, ssl_min_score=0.2)
+    np.testing.assert_allclose(scores, [0.9, 0.76, 0.7, 0.3], rtol=1e-6)
+    # with a stricter match IoU s0 no longer confirms t0 (IoU 0.29, and only 16 of its 36 px inside)
+    _, scores, sources = fuse_instances(tm, ts, sm, ss, match_iou=0.6, ssl_min_score=0.6)
+    np.testing.assert_allclose(scores, [0.8, 0.76, 0.7], rtol=1e-6)
+    np.testing.assert_array_equal(sources, [SOURCE_TLM, 3, SOURCE_SSL])
+
+
+def test_fuse_instances_refine_uses_ssl_edges_near_the_instance():
+    (tm, ts), (sm, ss) = _fusion_case()
+    masks, _, _ = fuse_instances(tm, ts, sm, ss, refine_with_ssl=True, refine_margin=1)
+    # t0 becomes s0 cut to t0 grown by one pixel (rows 1-8, cols 1-8): rows 4-8, cols 4-8
+    np.testing.assert_array_equal(masks[0], box_mask(slice(4, 9), slice(4, 9), SHAPE_FUSION))
+    # t1 becomes its only confirming component s3
+    np.testing.assert_array_equal(masks[1], sm[3])
+
+
+def test_fuse_instances_nms_and_empty_inputs():
+    shape = (10, 10)
+    t = box_mask(slice(0, 4), slice(0, 4), shape)
+    tm = np.stack([t, t])  # a duplicate TLM detection
+    masks, scores, sources = fuse_instances(tm, np.array([0.9, 0.5]), np.zeros((0, *shape), bool), np.zeros(0))
+    np.testing.assert_allclose(scores, [0.9])
+    np.testing.assert_array_equal(sources, [SOURCE_TLM])
+    only_ssl = fuse_instances(np.zeros((0, *shape), bool), np.zeros(0), t[None], np.array([0.6]))
+    np.testing.assert_array_equal(only_ssl.sources, [SOURCE_SSL])
+    nothing = fuse_instances(np.zeros((0, *shape), bool), np.zeros(0), np.zeros((0, *shape), bool), np.zeros(0))
+    assert nothing.masks.shape == (0, *shape) and nothing.scores.shape == (0,) and nothing.sources.shape == (0,)
+    with pytest.raises(ValueError):
+        fuse_instances(tm, np.array([0.9, 0.5]), np.zeros((0, 9, 9), bool), np.zeros(0))

@@ -1,0 +1,317 @@
+"""SSLM training runs, and the run-folder machinery shared with the TLM (dipid.train.run).
+
+Frames are tiny (32x32) synthetic scans written as HDF5; the SSLM has 8 channels.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from dipid.errors import CheckpointError, TrainingError
+from dipid.io.coco import FrameLabels, write_coco
+from dipid.train import run as runmod
+from dipid.train.sslm_run import (
+    SSLM_HISTORY_COLUMNS,
+    epoch_batches,
+    epoch_lengths,
+    load_unlabelled_frames,
+    train_sslm_run,
+)
+
+FRAME_SHAPE = (32, 32)
+FAST = dict(steps=4, steps_per_epoch=2, batch_size=2, progress=False, model_options={"channels": 8})
+
+
+def make_scan(folder: Path, name: str, *, n_frames: int, seed: int, shape=FRAME_SHAPE) -> Path:
+    """HDF5 scan of Gaussian peaks on Poisson background plus COCO labels; returns the scan path."""
+    rng = np.random.default_rng(seed)
+    h, w = shape
+    rows, cols = np.mgrid[0:h, 0:w]
+    frames, labels = [], []
+    for k in range(n_frames):
+        counts = rng.poisson(2.0, shape).astype(np.float64)
+        r, c, sigma = rng.uniform(6, h - 6), rng.uniform(6, w - 6), rng.uniform(1.5, 2.5)
+        peak = rng.uniform(500, 3000) * np.exp(-((rows - r) ** 2 + (cols - c) ** 2) / (2 * sigma**2))
+        counts += rng.poisson(peak)
+        counts[0, 0] = -1  # a dead pixel: must be filled before normalisation
+        frames.append(counts.astype(np.int32))
+        labels.append(FrameLabels.from_masks(f"{name}.nxs", k, (peak > 5)[None]))
+    path = folder / f"{name}.nxs"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("entry/instrument/detector/data", data=np.array(frames))
+    write_coco(labels, folder / f"{name}_labels.json")
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("sslm-data")
+    train = make_scan(folder, "train", n_frames=6, seed=1)
+    make_scan(folder, "val", n_frames=3, seed=2)
+    return {"scan": train, "labels": folder / "val_labels.json", "folder": folder}
+
+
+@pytest.fixture(scope="module")
+def straight_run(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sslm-runs") / "straight"
+    return out, train_sslm_run(scans=[data["scan"]], out=out, seed=5, **FAST)
+
+
+# ================================================================================ run machinery
+def test_flatten_state_round_trips_an_optimizer_state_without_pickle(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    scheduler.step(1.5)
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "pair": (1, "a"),
+             "neg_inf": -math.inf, "array": np.arange(5, dtype=np.uint32), "none": None}
+    path = runmod.save_state(tmp_path / "state.safetensors", state, summary={"epoch": 3})
+    loaded, summary = runmod.load_state(path)
+    assert summary == {"epoch": 3}
+    assert set(loaded["optimizer"]["state"]) == {0, 1, 2, 3}  # int keys survive
+    for key, entry in optimizer.state_dict()["state"].items():
+        assert torch.equal(loaded["optimizer"]["state"][key]["momentum_buffer"], entry["momentum_buffer"])
+    assert loaded["optimizer"]["param_groups"] == optimizer.state_dict()["param_groups"]
+    assert loaded["scheduler"]["mode_worse"] == math.inf and loaded["neg_inf"] == -math.inf
+    assert loaded["pair"] == (1, "a") and loaded["none"] is None
+    assert loaded["array"].dtype == np.uint32 and loaded["array"].tolist() == [0, 1, 2, 3, 4]
+    # The structure is in the safetensors header too, readable as JSON; no pickle anywhere.
+    doc = json.loads(path.with_suffix(".json").read_text())
+    assert doc["summary"]["epoch"] == 3 and "structure" in doc
+    restored = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    restored.load_state_dict(loaded["optimizer"])
+    assert restored.param_groups[0]["lr"] == 0.1
+
+
+def test_flatten_state_refuses_objects_that_would_need_pickle():
+    with pytest.raises(TypeError, match="pickle"):
+        runmod.flatten_state({"bad": object()})
+
+
+def test_load_state_rejects_missing_and_foreign_files(tmp_path):
+    with pytest.raises(CheckpointError, match="no training state"):
+        runmod.load_state(tmp_path / "missing.safetensors")
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="damaged"):
+        runmod.load_state(garbage)
+    foreign = runmod.atomic_save_safetensors({"w": torch.zeros(2)}, tmp_path / "foreign.safetensors")
+    with pytest.raises(CheckpointError, match="not a dipid training state"):
+        runmod.load_state(foreign)
+
+
+def test_rng_capture_and_restore_replays_every_generator():
+    runmod.seed_everything(11)
+    saved = runmod.capture_rng_state()
+    first = (random.random(), np.random.rand(), torch.rand(1).item())
+    runmod.seed_everything(99)  # something else draws in between
+    flat = runmod.flatten_state(saved)  # and the state goes through storage
+    runmod.restore_rng_state(runmod.unflatten_state(flat.structure, flat.tensors))
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
+
+
+def test_derive_seed_is_stable_and_distinguishes_labels():
+    assert runmod.derive_seed(0, "loader", 1) == runmod.derive_seed(0, "loader", 1)
+    assert runmod.derive_seed(0, "loader", 1) != runmod.derive_seed(0, "loader", 2)
+    assert runmod.derive_seed(0, "loader", 1) != runmod.derive_seed(1, "loader", 1)
+    assert 0 <= runmod.derive_seed(123, "x") < 2**31
+
+
+def test_history_csv_round_trips_exact_floats(tmp_path):
+    rows = [{"epoch": 1, "loss": 0.1 + 0.2, "val": math.nan}, {"epoch": 2, "loss": 1 / 3, "val": 0.5}]
+    path = runmod.write_history_csv(tmp_path / "history.csv", rows, ("epoch", "loss", "val"))
+    back = runmod.read_history_csv(path)
+    assert [r["epoch"] for r in back] == [1, 2] and isinstance(back[0]["epoch"], int)
+    assert back[0]["loss"] == 0.1 + 0.2 and back[1]["loss"] == 1 / 3
+    assert math.isnan(back[0]["val"]) and back[1]["val"] == 0.5
+
+
+def test_amp_only_on_cuda_and_only_when_asked():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not runmod.amp_settings(cpu, True).enabled
+    assert not runmod.amp_settings(cuda, False).enabled
+    bf16 = runmod.amp_settings(cuda, True, bf16_supported=True)
+    assert bf16.enabled and bf16.dtype == torch.bfloat16 and not bf16.use_scaler
+    fp16 = runmod.amp_settings(cuda, True, bf16_supported=False)
+    assert fp16.dtype == torch.float16 and fp16.use_scaler
+
+
+def test_training_guard_explains_out_of_memory_and_ctrl_c(tmp_path):
+    progress = runmod.RunProgress(unit="epoch", saved=3, current=4)
+    with pytest.raises(TrainingError) as info:
+        with runmod.training_guard(tmp_path, progress=progress, resume_command="dipid train tlm --resume"):
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    message = str(info.value)
+    assert str(tmp_path) in message and "--batch-size" in message and "epoch 3" in message
+    with pytest.raises(TrainingError, match="interrupted") as info:
+        with runmod.training_guard(tmp_path, progress=progress, resume_command="x --resume"):
+            raise KeyboardInterrupt
+    assert isinstance(info.value.__cause__, KeyboardInterrupt)
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # other errors are bugs: not hidden
+        with runmod.training_guard(tmp_path, progress=progress, resume_command="x"):
+            raise RuntimeError("shape mismatch")
+
+
+def test_loss_mode_trains_without_touching_batchnorm_statistics():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.Dropout(0.5))
+    model.eval()
+    before = model[1].running_mean.clone()
+    with torch.no_grad(), runmod.loss_mode(model):
+        assert model.training and not model[1].training and not model[2].training
+        model(torch.randn(2, 1, 8, 8) + 5)
+    assert torch.equal(model[1].running_mean, before)
+    assert not model.training and not model[0].training  # modes restored
+
+
+def test_compare_configs_refuses_fixed_changes_and_reports_others():
+    changed = runmod.compare_configs({"seed": 1, "epochs": 2}, {"seed": 1, "epochs": 4}, fixed=("seed",))
+    assert changed == {"epochs": (2, 4)}
+    with pytest.raises(TrainingError, match="seed"):
+        runmod.compare_configs({"seed": 1}, {"seed": 2}, fixed=("seed",))
+
+
+def test_epoch_batches_depend_only_on_seed_and_epoch():
+    a = epoch_batches(5, 2, 4, seed=0, epoch=2)
+    assert [b.tolist() for b in a] == [b.tolist() for b in epoch_batches(5, 2, 4, seed=0, epoch=2)]
+    assert [b.tolist() for b in a] != [b.tolist() for b in epoch_batches(5, 2, 4, seed=0, epoch=3)]
+    assert all(len(set(b.tolist())) == 2 for b in a)  # no frame twice in a batch
+    assert sorted(torch.cat(a[:2]).tolist() + a[2][:1].tolist()) == [0, 1, 2, 3, 4]  # a full pass first
+    assert epoch_lengths(7, 3) == [3, 3, 1] and epoch_lengths(6, 3) == [3, 3]
+
+
+def test_unlabelled_frames_are_filled_normalised_and_capped(data):
+    frames = load_unlabelled_frames([data["scan"]], max_frames=4)
+    assert frames.frames.shape == (4, 1, *FRAME_SHAPE) and frames.frames.dtype == torch.float32
+    assert torch.isfinite(frames.frames).all()
+    assert frames.sources[0].endswith("#0") and frames.sources[-1].endswith("#5")  # spread over the scan
+    # The dead pixel was filled from its neighbours: not the background-subtracted zero-count value.
+    zero_count_level = float(frames.frames[0, 0].min())
+    assert float(frames.frames[0, 0, 0, 0]) > zero_count_level
+
+
+def test_frames_of_different_sizes_are_refused(data, tmp_path):
+    other = make_scan(tmp_path, "wide", n_frames=2, seed=3, shape=(32, 48))
+    with pytest.raises(TrainingError, match="different sizes"):
+        load_unlabelled_frames([data["scan"], other])
+
+
+# ================================================================================ SSLM runs
+def test_sslm_run_folder_history_and_checkpoints(straight_run, data):
+    from dipid.models import load_checkpoint, read_checkpoint_metadata
+
+    out, summary = straight_run
+    assert summary.kind == "sslm" and summary.epochs_completed == 2 and summary.best_metric_name == "loss"
+    header = (out / "history.csv").read_text().splitlines()[0].split(",")
+    assert header == list(SSLM_HISTORY_COLUMNS)
+    rows = runmod.read_history_csv(out / "history.csv")
+    assert [(r["epoch"], r["step"]) for r in rows] == [(1, 2), (2, 4)]
+    for row in rows:
+        assert row["loss"] == pytest.approx(row["similarity"] + row["continuity"] + 0.1 * row["context"], rel=1e-5)
+        assert math.isnan(row["val_iou"]) and row["lr"] == 0.1 and row["seconds"] > 0
+    best_epoch = min(rows, key=lambda r: r["loss"])["epoch"]
+    assert summary.best_epoch == best_epoch
+    for name in ("best.safetensors", "last.safetensors"):
+        model = load_checkpoint(out / name)
+        assert model.name == "sslm" and model.config.channels == 8
+        assert model.config.channel_roles is not None and len(model.config.channel_roles) == 8
+    meta = read_checkpoint_metadata(out / "best.safetensors")["metadata"]
+    assert meta["epoch"] == best_epoch and meta["seed"] == 5 and meta["train_data"] == [str(data["scan"])]
+    config = json.loads((out / "config.json").read_text())
+    assert config["kind"] == "sslm" and config["data"]["frames_used"] == 6
+    assert "Plotly.newPlot" in (out / "history.html").read_text()
+
+
+def test_joint_predictor_loads_an_sslm_run(straight_run):
+    from dipid.predict import JointPredictor
+
+    out, _ = straight_run
+    predictor = JointPredictor.from_pretrained(out, device="cpu")
+    assert predictor.sslm is not None and predictor.tlm is None
+    assert predictor.sslm.config.channel_roles is not None  # no on-the-fly assignment needed
+    counts = np.random.default_rng(0).poisson(3.0, (1, *FRAME_SHAPE)).astype(np.float32)
+    [result] = predictor.predict_frames(counts, use_tlm=False)
+    assert result.ssl is not None and result.ssl.mask.shape == FRAME_SHAPE
+
+
+def test_resume_reproduces_the_straight_run(straight_run, data, tmp_path):
+    _, straight = straight_run
+    out = tmp_path / "resumed"
+    first = train_sslm_run(scans=[data["scan"]], out=out, seed=5, **{**FAST, "steps": 2})
+    assert first.epochs_completed == 1
+    second = train_sslm_run(scans=[data["scan"]], out=out, seed=5, resume=True, **FAST)
+    assert second.resumed_from_epoch == 1 and second.epochs_completed == 2
+    for a, b in zip(second.history, straight.history, strict=True):
+        for column in ("step", "loss", "similarity", "continuity", "context", "clusters", "peak_channels"):
+            assert a[column] == pytest.approx(b[column], rel=1e-5), column
+
+
+def test_ctrl_c_leaves_a_resumable_folder(data, tmp_path):
+    out = tmp_path / "interrupted"
+
+    def interrupt(event):
+        if event.kind == "step" and event.epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(TrainingError) as info:
+        train_sslm_run(scans=[data["scan"]], out=out, seed=5, callback=interrupt, **FAST)
+    assert str(out) in str(info.value) and "--resume" in str(info.value)
+    assert runmod.load_state(out / "state.safetensors")[1]["epoch"] == 1
+    resumed = train_sslm_run(scans=[data["scan"]], out=out, seed=5, resume=True, **FAST)
+    assert [r["epoch"] for r in resumed.history] == [1, 2] and resumed.resumed_from_epoch == 1
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_epoch(data, tmp_path, monkeypatch):
+    import dipid.train.sslm as core
+
+    out = tmp_path / "nan"
+    real_loss = core.sslm_loss
+    calls = {"n": 0}
+
+    def poisoned(response, *, weights):
+        calls["n"] += 1
+        parts = real_loss(response, weights=weights)
+        if calls["n"] > 2:  # epoch 2 (2 steps per epoch)
+            parts = {**parts, "total": parts["total"] * float("nan")}
+        return parts
+
+    monkeypatch.setattr(core, "sslm_loss", poisoned)
+    with pytest.raises(TrainingError) as info:
+        train_sslm_run(scans=[data["scan"]], out=out, seed=5, **FAST)
+    message = str(info.value)
+    assert "nan" in message.lower() and str(out) in message and "--resume" in message and "epoch 2" in message
+    state, summary = runmod.load_state(out / "state.safetensors")
+    assert summary["epoch"] == 1
+    assert [r["epoch"] for r in runmod.read_history_csv(out / "history.csv")] == [1]
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+
+
+def test_labelled_validation_picks_best_by_iou(data, tmp_path):
+    out = tmp_path / "labelled"
+    summary = train_sslm_run(scans=[data["scan"]], out=out, seed=5, labels=data["labels"], **FAST)
+    assert summary.best_metric_name == "val_iou"
+    rows = runmod.read_history_csv(out / "history.csv")
+    assert all(0.0 <= r["val_iou"] <= 1.0 for r in rows)
+    best = max(rows, key=lambda r: r["val_iou"])  # first of equals: later ties do not replace it
+    assert summary.best_epoch == best["epoch"] and summary.best_metric == pytest.approx(best["val_iou"])
+
+
+def test_fresh_run_refuses_a_used_folder_and_resume_refuses_another_kind(straight_run, data, tmp_path):
+    out, _ = straight_run
+    with pytest.raises(TrainingError, match="--resume"):
+        train_sslm_run(scans=[data["scan"]], out=out, seed=5, **FAST)
+    (tmp_path / "tlmrun").mkdir()
+    (tmp_path / "tlmrun" / "config.json").write_text(json.dumps({"kind": "tlm", "options": {}}))
+    with pytest.raises(TrainingError, match="'tlm' run"):
+        train_sslm_run(scans=[data["scan"]], out=tmp_path / "tlmrun", resume=True, **FAST)
+    with pytest.raises(TrainingError, match="seed"):
+        train_sslm_run(scans=[data["scan"]], out=out, seed=6, resume=True, **FAST)
