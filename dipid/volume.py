@@ -1,0 +1,765 @@
+"""Stacking per-frame predictions into (frame, row, col) volumes, and 3D peaks.
+
+A reflection crossing the Ewald sphere during a rocking scan lights up several consecutive
+frames. :func:`link_peaks_3d` joins the per-frame instances of a scan into 3D peaks,
+:func:`peaks_table` measures each peak (centroid, background-subtracted intensity, ...) and
+:func:`scan_peaks` does both for a :class:`dipid.results.ScanResult`. :func:`match_peaks_3d`
+scores predicted peaks against ground truth (3D voxel IoU).
+
+Everything here is numpy/scipy on arrays; no torch.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+from scipy import ndimage
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from dipid.errors import ScanError, ScanShapeError
+from dipid.results import SOURCE_FLAGS, Instances, ScanResult
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "stack_masks",
+    "stack_labels",
+    "link_peaks_3d",
+    "peaks_table",
+    "Peaks3D",
+    "scan_peaks",
+    "match_peaks_3d",
+    "to_dataframe",
+    "write_peaks_csv",
+    "PEAK_COLUMNS",
+]
+
+#: Columns of :func:`peaks_table`, in order; the scan-axis centroid column (named after the axis)
+#: follows ``centroid_col`` when axis values are given.
+PEAK_COLUMNS = (
+    "id", "first_frame", "last_frame", "n_frames", "centroid_frame", "centroid_row", "centroid_col",
+    "intensity", "background", "max_counts", "voxels", "bad_voxels",
+    "frame0", "row0", "col0", "frame1", "row1", "col1", "score", "models",
+)
+
+#: Counts for :func:`peaks_table`: a (F, H, W) array, a callable ``k -> (H, W)`` for stack index k,
+#: or an iterable of (H, W) frames, (b, H, W) batches, ``(frames, bad)`` pairs or scan batches
+#: (objects with ``.frames`` and ``.bad_pixels``), in stack order.
+CountsSource = Union[np.ndarray, Callable[[int], Any], Iterable[Any]]
+
+
+# ---------------------------------------------------------------------------------------------
+# stacking
+
+
+def stack_masks(per_frame: Sequence[Instances], frame_shape: tuple[int, int]) -> np.ndarray:
+    """Union masks of consecutive frames -> (F, H, W) bool volume."""
+    out = np.zeros((len(per_frame), *frame_shape), dtype=bool)
+    for k, inst in enumerate(per_frame):
+        for (x0, y0, x1, y1), crop in zip(inst.boxes, inst.crops):
+            out[k, y0:y1, x0:x1] |= crop
+    return out
+
+
+def stack_labels(per_frame: Sequence[Instances], frame_shape: tuple[int, int]) -> np.ndarray:
+    """Per-frame instance label images -> (F, H, W) int32 volume (0 = none, i + 1 = instance i)."""
+    out = np.zeros((len(per_frame), *frame_shape), dtype=np.int32)
+    for k, inst in enumerate(per_frame):
+        out[k] = inst.label_image()
+    return out
+
+
+def _score_image(inst: Instances) -> np.ndarray:
+    """(H, W) float32: the highest score of the instances covering each pixel (0 elsewhere)."""
+    out = np.zeros(inst.shape, dtype=np.float32)
+    for (x0, y0, x1, y1), crop, score in zip(inst.boxes, inst.crops, inst.scores):
+        region = out[y0:y1, x0:x1]
+        np.maximum(region, np.where(crop, score, 0.0).astype(np.float32), out=region)
+    return out
+
+
+def _source_image(inst: Instances) -> np.ndarray:
+    """(H, W) uint8: bitwise OR of the source flags of the instances covering each pixel."""
+    out = np.zeros(inst.shape, dtype=np.uint8)
+    for (x0, y0, x1, y1), crop, flags in zip(inst.boxes, inst.crops, inst.sources):
+        out[y0:y1, x0:x1][crop] |= np.uint8(flags)
+    return out
+
+
+def _flags_to_names(flags: int) -> str:
+    names = [name for name, bit in SOURCE_FLAGS.items() if flags & bit]
+    return "+".join(names) if names else "none"
+
+
+# ---------------------------------------------------------------------------------------------
+# linking
+
+
+def _plane_structure(connectivity: int) -> np.ndarray:
+    """3D structure linking pixels within a frame only: 4-neighbours (connectivity 1) or 8 (2, 3)."""
+    plane = ndimage.generate_binary_structure(2, min(connectivity, 2))
+    structure = np.zeros((3, 3, 3), dtype=bool)
+    structure[1] = plane
+    return structure
+
+
+def _cross_frame_offsets(connectivity: int) -> list[tuple[int, int]]:
+    """(drow, dcol) offsets a voxel reaches in the next frame under 3D ``connectivity``.
+
+    As in :func:`scipy.ndimage.generate_binary_structure`: a neighbour one frame on is linked when
+    ``1 + |drow| + |dcol| <= connectivity``, so 1 = the same pixel only (face connectivity).
+    """
+    return [(dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1) if 1 + abs(dr) + abs(dc) <= connectivity]
+
+
+def _instance_ids(volume: np.ndarray, connectivity: int) -> np.ndarray:
+    """(F, H, W) int32 ids unique over the whole volume, one per per-frame instance; 0 = none.
+
+    A bool volume's instances are its in-frame connected components; an integer volume holds
+    per-frame instance labels (ids may repeat between frames).
+    """
+    if volume.dtype == bool:
+        ids, _ = ndimage.label(volume, structure=_plane_structure(connectivity))
+        return ids.astype(np.int32, copy=False)
+    labels = np.asarray(volume)
+    if labels.min(initial=0) < 0:
+        raise ValueError("instance label volume has negative labels; 0 is background, 1.. are instances")
+    per_frame_max = labels.max(axis=(1, 2), initial=0).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(per_frame_max)[:-1]])
+    if per_frame_max.sum() >= np.iinfo(np.int32).max:
+        raise ValueError("too many instances to number with int32")
+    return np.where(labels > 0, labels + offsets[:, None, None], 0).astype(np.int32)
+
+
+def _shifted_pair(volume: np.ndarray, step: int, drow: int, dcol: int) -> tuple[np.ndarray, np.ndarray]:
+    """Views (a, b) with a[k, r, c] = volume[k, r, c] and b[k, r, c] = volume[k + step, r + drow, c + dcol]."""
+    _, height, width = volume.shape
+    r0, r1 = max(0, -drow), height - max(0, drow)
+    c0, c1 = max(0, -dcol), width - max(0, dcol)
+    a = volume[:-step, r0:r1, c0:c1]
+    b = volume[step:, r0 + drow:r1 + drow, c0 + dcol:c1 + dcol]
+    return a, b
+
+
+def _touching_pairs(
+    ids: np.ndarray, frames: np.ndarray, step: int, max_gap: int, connectivity: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Instance pairs (a in slice k, b in slice k + step) that touch, and how many of a's pixels touch b.
+
+    Slices one frame apart touch through the connectivity's cross-frame neighbours; slices
+    2..max_gap + 1 frames apart (a bridged gap) only through the same pixel.
+    Returns:
+        (2, P) int64 instance id pairs and (P,) int64 touching-pixel counts.
+    """
+    n_frames, height, width = ids.shape
+    distance = frames[step:] - frames[:-step]
+    adjacent = distance == 1
+    bridged = (distance > 1) & (distance <= max_gap + 1)
+    rows = []
+    for drow, dcol in _cross_frame_offsets(connectivity):
+        allowed = adjacent | bridged if (drow, dcol) == (0, 0) else adjacent
+        if not allowed.any():
+            continue
+        a, b = _shifted_pair(ids, step, drow, dcol)
+        both = (a > 0) & (b > 0) & allowed[:, None, None]
+        k, r, c = np.nonzero(both)
+        pixel = (k.astype(np.int64) * height + r + max(0, -drow)) * width + c + max(0, -dcol)
+        rows.append(np.stack([pixel, a[both].astype(np.int64), b[both].astype(np.int64)]))
+    if not rows:
+        return np.zeros((2, 0), np.int64), np.zeros(0, np.int64)
+    triples = np.concatenate(rows, axis=1)
+    if len(rows) > 1:  # a pixel of a touching b through several diagonal neighbours counts once
+        triples = np.unique(triples, axis=1)
+    base = int(ids.max()) + 1
+    keys, touching = np.unique(triples[1] * base + triples[2], return_counts=True)
+    return np.stack([keys // base, keys % base]), touching
+
+
+def link_peaks_3d(
+    instances: np.ndarray | Sequence[Instances],
+    *,
+    max_gap: int = 1,
+    connectivity: int = 1,
+    min_overlap: float = 0.5,
+    min_frames: int = 1,
+    frame_numbers: Sequence[int] | np.ndarray | None = None,
+) -> np.ndarray:
+    """Join per-frame peak instances into 3D peaks: connected components over (frame, row, col).
+
+    Each per-frame instance is a node. Two instances in consecutive frames are joined when they
+    touch (share a pixel; with ``connectivity`` > 1 a diagonal neighbour one frame on also
+    touches) on at least ``min_overlap`` of the smaller one's pixels. Instances up to
+    ``max_gap + 1`` frames apart are joined by the same rule on shared pixels, which bridges a
+    peak briefly missed by the finder (a gap only ever links a pixel to itself, so peaks whose
+    footprints do not overlap are never bridged; two distinct peaks on the same pixels at most
+    ``max_gap`` frames apart do merge: lower ``max_gap`` for scans with such peaks). Instances
+    of one frame are never joined to each other directly, so two touching instances of an
+    integer label volume stay apart unless other frames join them.
+
+    ``min_overlap=0`` gives plain connected components (a single shared pixel joins). The
+    default 0.5 keeps apart a small peak that appears at the edge of a larger one; a peak that
+    appears entirely inside a larger one's previous footprint still merges with it. See
+    benchmarks/peaks3d.py for its effect on simulated scans.
+
+    Args:
+        instances: (F, H, W) bool peak masks (instances = in-frame connected components), or
+            (F, H, W) integer per-frame instance labels (0 = background, ids may repeat between
+            frames, e.g. :meth:`ScanResult.label_volume`), or F :class:`Instances`.
+        max_gap: largest number of consecutive missing frames bridged (0 = no bridging).
+        connectivity: 1 = face neighbours only (default: peaks touching only diagonally stay
+            apart), 2 = also edge diagonals, 3 = all 26 neighbours (scipy.ndimage's meaning).
+        min_overlap: fraction in [0, 1] of the smaller instance's pixels that must touch the
+            other for two instances in different frames to be joined.
+        min_frames: peaks found in fewer slices than this are dropped (a reflection of a
+            rocking scan usually spans several frames; most single-frame peaks of the classical
+            finder on simulated scans are noise).
+        frame_numbers: (F,) ascending frame number of each slice, when the stack skips frames;
+            slices further apart than ``max_gap + 1`` frames are never joined.
+    Returns:
+        (F, H, W) int32 peak labels: 0 = background, 1..n numbered by first appearance.
+    """
+    if max_gap < 0:
+        raise ValueError(f"max_gap must be >= 0, got {max_gap}")
+    if connectivity not in (1, 2, 3):
+        raise ValueError(f"connectivity must be 1, 2 or 3, got {connectivity}")
+    if min_frames < 1:
+        raise ValueError(f"min_frames must be >= 1, got {min_frames}")
+    if not 0.0 <= min_overlap <= 1.0:
+        raise ValueError(f"min_overlap must be in [0, 1], got {min_overlap}")
+    if isinstance(instances, np.ndarray):
+        volume = instances
+    else:
+        per_frame = list(instances)
+        if not per_frame:
+            raise ValueError("no frames to link: pass an (F, H, W) volume to link an empty stack")
+        volume = stack_labels(per_frame, per_frame[0].shape)
+    if volume.ndim != 3:
+        raise ValueError(f"instances must be an (F, H, W) volume, got shape {volume.shape}")
+    n_frames = len(volume)
+    frames = np.arange(n_frames) if frame_numbers is None else np.asarray(frame_numbers, dtype=np.int64)
+    if frames.shape != (n_frames,) or np.any(np.diff(frames) <= 0):
+        raise ValueError(f"frame_numbers must be {n_frames} strictly ascending numbers")
+
+    ids = _instance_ids(volume, connectivity)
+    n_ids = int(ids.max(initial=0))
+    if n_ids == 0:
+        return np.zeros(volume.shape, dtype=np.int32)
+    area = np.bincount(ids.ravel(), minlength=n_ids + 1)
+
+    sources, targets = [], []
+    for step in range(1, min(max_gap + 1, n_frames - 1) + 1):
+        pairs, touching = _touching_pairs(ids, frames, step, max_gap, connectivity)
+        smaller = np.minimum(area[pairs[0]], area[pairs[1]])
+        keep = touching >= min_overlap * smaller
+        sources.append(pairs[0][keep])
+        targets.append(pairs[1][keep])
+    src = np.concatenate(sources) if sources else np.zeros(0, np.int64)
+    dst = np.concatenate(targets) if targets else np.zeros(0, np.int64)
+    graph = coo_matrix((np.ones(len(src), np.int8), (src, dst)), shape=(n_ids + 1, n_ids + 1))
+    _, component = connected_components(graph, directed=False)
+
+    # Number peaks by first appearance: ids already run frame by frame in raster order.
+    present = np.flatnonzero(area[1:]) + 1
+    if min_frames > 1:
+        frame_of = np.searchsorted(np.maximum.accumulate(ids.max(axis=(1, 2))), present)
+        peak_frames = np.unique(np.stack([component[present], frame_of]), axis=1)
+        n_frames_of = np.bincount(peak_frames[0], minlength=component.max() + 1)
+        present = present[n_frames_of[component[present]] >= min_frames]
+    comps_in_order, first = np.unique(component[present], return_index=True)
+    rank = np.zeros(component.max() + 1, dtype=np.int32)
+    rank[comps_in_order[np.argsort(first)]] = np.arange(1, len(comps_in_order) + 1, dtype=np.int32)
+    id_to_peak = np.zeros(n_ids + 1, dtype=np.int32)
+    id_to_peak[present] = rank[component[present]]
+    return id_to_peak[ids]
+
+
+# ---------------------------------------------------------------------------------------------
+# measuring
+
+
+def _as_frame_iterator(source: CountsSource, n_frames: int, what: str) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """Yield ``(values (H, W), bad (H, W) bool or None)`` for stack indices 0..n_frames-1."""
+
+    def split(item: Any) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        if hasattr(item, "frames"):
+            frames, bad = np.asarray(item.frames), getattr(item, "bad_pixels", None)
+        elif isinstance(item, tuple) and len(item) == 2:
+            frames, bad = np.asarray(item[0]), item[1]
+        else:
+            frames, bad = np.asarray(item), None
+        if frames.ndim == 2:
+            yield frames, None if bad is None else np.asarray(bad, bool)
+        elif frames.ndim == 3:
+            for b in range(len(frames)):
+                yield frames[b], None if bad is None else np.asarray(bad[b], bool)
+        else:
+            raise ValueError(f"{what}: expected (H, W) frames or (b, H, W) batches, got shape {frames.shape}")
+
+    if isinstance(source, np.ndarray):
+        if source.ndim != 3 or len(source) != n_frames:
+            raise ScanShapeError(f"{what} must be ({n_frames}, H, W) like the peak labels, got shape {source.shape}")
+        yield from ((source[k], None) for k in range(n_frames))
+        return
+    if callable(source):
+        for k in range(n_frames):
+            yield from split(source(k))
+        return
+    produced = 0
+    for item in source:
+        for frame in split(item):
+            if produced == n_frames:
+                raise ScanShapeError(f"{what} gave more frames than the {n_frames} of the peak labels")
+            produced += 1
+            yield frame
+    if produced != n_frames:
+        raise ScanShapeError(f"{what} gave {produced} frames; the peak labels have {n_frames}")
+
+
+def _frame_values(source: np.ndarray | Callable[[int], Any] | None, n_frames: int, what: str) -> Iterator[np.ndarray | None]:
+    if source is None:
+        return iter([None] * n_frames)
+    return (values for values, _ in _as_frame_iterator(source, n_frames, what))
+
+
+def _ring_background(
+    labels: np.ndarray, counts: np.ndarray, good: np.ndarray, peak: int, where: tuple[slice, slice], annulus: int
+) -> float | None:
+    """Median of good, peak-free pixels within ``annulus`` pixels of peak ``peak``'s footprint; None if none."""
+    height, width = labels.shape
+    rows = slice(max(where[0].start - annulus, 0), min(where[0].stop + annulus, height))
+    cols = slice(max(where[1].start - annulus, 0), min(where[1].stop + annulus, width))
+    crop = labels[rows, cols]
+    footprint = crop == peak
+    near = ndimage.binary_dilation(footprint, structure=np.ones((3, 3), bool), iterations=annulus)
+    ring = near & (crop == 0) & good[rows, cols]
+    if not ring.any():
+        return None
+    return float(np.median(counts[rows, cols][ring]))
+
+
+def peaks_table(
+    peak_labels: np.ndarray,
+    counts: CountsSource,
+    *,
+    frame_numbers: Sequence[int] | np.ndarray | None = None,
+    axis_values: Sequence[float] | np.ndarray | None = None,
+    axis_name: str = "frame",
+    scores: np.ndarray | Callable[[int], np.ndarray] | None = None,
+    sources: np.ndarray | Callable[[int], np.ndarray] | None = None,
+    bad_pixels: np.ndarray | Callable[[int], np.ndarray] | None = None,
+    background_annulus: int = 3,
+) -> dict[str, Any]:
+    """Measure each 3D peak of a peak-label volume: one row per peak.
+
+    Frames are visited one at a time, so ``counts`` (and ``scores``, ``sources``,
+    ``bad_pixels``) may be callables or iterators and a long scan never needs to be in memory.
+
+    Background: in every frame, the median of the pixels within ``background_annulus`` pixels of
+    the peak's footprint that belong to no peak and are not bad (the frame's median peak-free
+    pixel when that ring is empty). ``intensity`` = sum over the peak's good voxels of
+    (counts - background); bad voxels (flagged, negative or non-finite counts) count as
+    background. Centroids weight each good voxel by max(counts - background, 0) (unweighted
+    when all of a peak is at or below background).
+
+    Args:
+        peak_labels: (F, H, W) int peak labels (0 = background), e.g. from :func:`link_peaks_3d`.
+        counts: detector counts of the same F frames (see :data:`CountsSource`), any real dtype.
+        frame_numbers: (F,) frame number of each slice in its scan (default 0..F-1).
+        axis_values: (n_scan,) scan-axis value of every frame of the scan; adds a column named
+            ``axis_name`` holding the axis value at the fractional centroid frame (linear
+            interpolation).
+        axis_name: name of that column (e.g. "eta").
+        scores: (F, H, W) float per-voxel instance score (or callable k -> (H, W)); ``score`` is
+            the peak's highest.
+        sources: (F, H, W) uint8 per-voxel model flags (:data:`dipid.results.SOURCE_FLAGS`) or a
+            callable; ``models`` names the models that found any part of the peak.
+        bad_pixels: (F, H, W) bool pixels to ignore (or callable), on top of negative counts.
+        background_annulus: width of the background ring, pixels (>= 1).
+    Returns:
+        dict of equal-length columns (numpy arrays; ``models`` a list of str): id, first_frame,
+        last_frame, n_frames (frames the peak spans), centroid_frame, centroid_row,
+        centroid_col (pixels), ``<axis_name>`` (when axis_values are given), intensity (counts),
+        background (mean subtracted level, counts per pixel), max_counts, voxels, bad_voxels,
+        frame0, row0, col0, frame1, row1, col1 (bounding box; frame numbers, *1 exclusive),
+        score, models.
+    """
+    labels = np.asarray(peak_labels)
+    if labels.ndim != 3 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"peak_labels must be an (F, H, W) integer volume, got {labels.dtype} {labels.shape}")
+    if background_annulus < 1:
+        raise ValueError(f"background_annulus must be >= 1 pixel, got {background_annulus}")
+    n_frames, height, width = labels.shape
+    frames = np.arange(n_frames) if frame_numbers is None else np.asarray(frame_numbers, dtype=np.int64)
+    if frames.shape != (n_frames,):
+        raise ValueError(f"frame_numbers must have {n_frames} entries, got {frames.shape}")
+    n = int(labels.max(initial=0))
+    size = n + 1
+
+    intensity = np.zeros(size)
+    background_total = np.zeros(size)
+    good_voxels = np.zeros(size, np.int64)
+    voxels = np.zeros(size, np.int64)
+    sum_w, sum_wk, sum_wr, sum_wc = (np.zeros(size) for _ in range(4))
+    sum_k, sum_r, sum_c = (np.zeros(size) for _ in range(3))
+    max_counts = np.full(size, -np.inf)
+    best_score = np.full(size, np.nan if scores is None else -np.inf)
+    flags = np.zeros(size, np.uint8)
+    first = np.full(size, n_frames, np.int64)
+    last = np.full(size, -1, np.int64)
+    row0 = np.full(size, height, np.int64)
+    col0 = np.full(size, width, np.int64)
+    row1 = np.zeros(size, np.int64)
+    col1 = np.zeros(size, np.int64)
+
+    count_frames = _as_frame_iterator(counts, n_frames, "counts")
+    score_frames = _frame_values(scores, n_frames, "scores")
+    source_frames = _frame_values(sources, n_frames, "sources")
+    bad_frames = _frame_values(bad_pixels, n_frames, "bad_pixels")
+    rows_grid, cols_grid = np.indices((height, width))
+
+    for k in range(n_frames):
+        frame_counts, frame_bad = next(count_frames)
+        score_map, source_map, extra_bad = next(score_frames), next(source_frames), next(bad_frames)
+        label = labels[k]
+        area = np.bincount(label.ravel(), minlength=size)
+        present = np.flatnonzero(area[1:]) + 1
+        if present.size == 0:
+            continue
+        values = np.asarray(frame_counts, dtype=np.float64)
+        if values.shape != (height, width):
+            raise ScanShapeError(f"counts frame {k} has shape {values.shape}; the peak labels have {(height, width)}")
+        bad = ~np.isfinite(values) | (values < 0)
+        for mask in (frame_bad, extra_bad):
+            if mask is not None:
+                bad |= np.asarray(mask, dtype=bool)
+        good = ~bad
+
+        background = np.zeros(size)
+        frame_level: float | None = None
+        where = ndimage.find_objects(label, max_label=n)
+        for peak in present:
+            box = where[peak - 1]
+            level = _ring_background(label, values, good, int(peak), box, background_annulus)
+            if level is None:
+                if frame_level is None:
+                    free = good & (label == 0)
+                    frame_level = float(np.median(values[free])) if free.any() else 0.0
+                level = frame_level
+            background[peak] = level
+            row0[peak] = min(row0[peak], box[0].start)
+            row1[peak] = max(row1[peak], box[0].stop)
+            col0[peak] = min(col0[peak], box[1].start)
+            col1[peak] = max(col1[peak], box[1].stop)
+        first[present] = np.minimum(first[present], k)
+        last[present] = k
+
+        footprint = label > 0
+        peak_of = label[footprint]
+        voxels += area
+        sum_k += area * k
+        sum_r += np.bincount(peak_of, weights=rows_grid[footprint], minlength=size)
+        sum_c += np.bincount(peak_of, weights=cols_grid[footprint], minlength=size)
+
+        good_fp = footprint & good
+        peak_good = label[good_fp]
+        net = values[good_fp] - background[peak_good]
+        n_good = np.bincount(peak_good, minlength=size)
+        good_voxels += n_good
+        intensity += np.bincount(peak_good, weights=net, minlength=size)
+        background_total += background * n_good
+        weight = np.clip(net, 0.0, None)
+        frame_w = np.bincount(peak_good, weights=weight, minlength=size)
+        sum_w += frame_w
+        sum_wk += frame_w * k
+        sum_wr += np.bincount(peak_good, weights=weight * rows_grid[good_fp], minlength=size)
+        sum_wc += np.bincount(peak_good, weights=weight * cols_grid[good_fp], minlength=size)
+        if peak_good.size:
+            frame_max = np.full(size, -np.inf)
+            np.maximum.at(frame_max, peak_good, values[good_fp])
+            np.maximum(max_counts, frame_max, out=max_counts)
+        if score_map is not None:
+            frame_score = np.full(size, -np.inf)
+            np.maximum.at(frame_score, peak_of, np.asarray(score_map, np.float64)[footprint])
+            np.maximum(best_score, frame_score, out=best_score)
+        if source_map is not None:
+            voxel_flags = np.asarray(source_map).astype(np.uint8)[footprint]
+            for bit in SOURCE_FLAGS.values():
+                has = np.bincount(peak_of, weights=(voxel_flags & bit) > 0, minlength=size) > 0
+                flags[has] |= np.uint8(bit)
+
+    ids = np.flatnonzero(voxels[1:]) + 1
+    weighted = sum_w[ids] > 0
+    safe_w = np.where(weighted, sum_w[ids], 1.0)
+
+    def centroid(weighted_sum: np.ndarray, plain_sum: np.ndarray) -> np.ndarray:
+        return np.where(weighted, weighted_sum[ids] / safe_w, plain_sum[ids] / voxels[ids])
+
+    centroid_index = centroid(sum_wk, sum_k)
+    centroid_frame = np.interp(centroid_index, np.arange(n_frames), frames) if n_frames else centroid_index
+    table: dict[str, Any] = {
+        "id": ids.astype(np.int64),
+        "first_frame": frames[first[ids]] if ids.size else np.zeros(0, np.int64),
+        "last_frame": frames[last[ids]] if ids.size else np.zeros(0, np.int64),
+    }
+    table["n_frames"] = table["last_frame"] - table["first_frame"] + 1
+    table["centroid_frame"] = centroid_frame
+    table["centroid_row"] = centroid(sum_wr, sum_r)
+    table["centroid_col"] = centroid(sum_wc, sum_c)
+    if axis_values is not None:
+        axis = np.asarray(axis_values, dtype=np.float64)
+        column = axis_name if axis_name not in PEAK_COLUMNS else f"{axis_name}_axis"
+        table[column] = np.interp(centroid_frame, np.arange(len(axis)), axis) if len(axis) else np.full(len(ids), np.nan)
+    table["intensity"] = intensity[ids]
+    table["background"] = np.where(good_voxels[ids] > 0, background_total[ids] / np.maximum(good_voxels[ids], 1), np.nan)
+    table["max_counts"] = np.where(np.isfinite(max_counts[ids]), max_counts[ids], np.nan)
+    table["voxels"] = voxels[ids]
+    table["bad_voxels"] = voxels[ids] - good_voxels[ids]
+    table["frame0"] = table["first_frame"].copy()
+    table["row0"] = row0[ids]
+    table["col0"] = col0[ids]
+    table["frame1"] = table["last_frame"] + 1
+    table["row1"] = row1[ids]
+    table["col1"] = col1[ids]
+    table["score"] = np.where(np.isfinite(best_score[ids]), best_score[ids], np.nan).astype(np.float64)
+    table["models"] = [_flags_to_names(int(f)) for f in flags[ids]] if sources is not None else ["unknown"] * len(ids)
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+# tables
+
+
+def to_dataframe(columns: dict[str, Any]) -> Any:
+    """The peak table as a pandas DataFrame when pandas is installed, else the dict unchanged."""
+    try:
+        import pandas as pd
+    except ImportError:
+        return columns
+    return pd.DataFrame({name: list(values) if isinstance(values, list) else np.asarray(values)
+                         for name, values in columns.items()})
+
+
+def write_peaks_csv(columns: dict[str, Any], path: str | Path) -> Path:
+    """Write the peak table as CSV (header row, one row per peak), atomically. Returns the path."""
+    from dipid.io.coco import atomic_write_text
+
+    names = list(columns)
+    lengths = {len(columns[name]) for name in names}
+    if len(lengths) > 1:
+        raise ValueError(f"peak table columns differ in length: {sorted(lengths)}")
+    n_rows = lengths.pop() if lengths else 0
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(names)
+    for i in range(n_rows):
+        writer.writerow([_csv_value(columns[name][i]) for name in names])
+    path = Path(path)
+    atomic_write_text(path, buffer.getvalue())
+    return path
+
+
+def _csv_value(value: Any) -> Any:
+    if isinstance(value, (np.floating, float)):
+        return repr(float(value))  # full precision, "nan" for missing
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# scans
+
+
+@dataclass
+class Peaks3D:
+    """The 3D peaks of a scan.
+
+    Attributes:
+        table: the columns of :func:`peaks_table`, one row per peak.
+        labels: (F, H, W) int32 peak labels of the held frames (0 = none, table ``id`` = label).
+        frame_numbers: (F,) int64 frame number of each slice of ``labels``.
+        axis_name: the scan axis, also the name of the table's axis-centroid column.
+        model: the per-frame instance set the peaks were linked from ("joint", "tlm", ...).
+        parameters: the linking and measuring settings used.
+    """
+
+    table: dict[str, Any]
+    labels: np.ndarray
+    frame_numbers: np.ndarray
+    axis_name: str = "frame"
+    model: str = "joint"
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.table["id"])
+
+    def to_dataframe(self) -> Any:
+        """pandas DataFrame of the table (the dict when pandas is missing)."""
+        return to_dataframe(self.table)
+
+    def to_csv(self, path: str | Path) -> Path:
+        """Write the table as CSV, atomically."""
+        return write_peaks_csv(self.table, path)
+
+    def __repr__(self) -> str:
+        return f"Peaks3D(n={len(self)}, frames={len(self.frame_numbers)}, model={self.model!r})"
+
+
+def _consecutive_runs(numbers: np.ndarray) -> list[tuple[int, int]]:
+    """Ascending ints -> [(start, stop)] half-open runs of consecutive values."""
+    if numbers.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(numbers) != 1) + 1
+    return [(int(run[0]), int(run[-1]) + 1) for run in np.split(numbers, breaks)]
+
+
+def _read_scan_frames(path: str, frame_numbers: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (filled counts (H, W) float32, bad (H, W) bool) of ``frame_numbers`` from the scan file."""
+    from dipid.io import open_scan
+
+    scan = open_scan(path)
+    for start, stop in _consecutive_runs(frame_numbers):
+        for batch in scan.iter_frames(start, stop, batch_size):
+            for b in range(len(batch.frames)):
+                yield batch.frames[b], batch.bad_pixels[b]
+
+
+def scan_peaks(
+    result: ScanResult,
+    counts: np.ndarray | None = None,
+    *,
+    model: str = "joint",
+    max_gap: int = 1,
+    connectivity: int = 1,
+    min_overlap: float = 0.5,
+    min_frames: int = 1,
+    background_annulus: int = 3,
+    batch_size: int = 16,
+) -> Peaks3D:
+    """Link a scan result's per-frame instances into 3D peaks and measure them.
+
+    Args:
+        result: the predictions (frames need not be consecutive).
+        counts: (F, H, W) counts of the held frames in ``result.frame_numbers`` order, or of the
+            whole scan (n_scan, H, W); None re-reads them from ``result.scan_path``, a batch at a
+            time. Negative counts and each frame's ``bad_pixels`` are ignored.
+        model: which instance set to link: "joint", "tlm", "ssl" or "classical".
+        max_gap, connectivity, min_overlap, min_frames: see :func:`link_peaks_3d`.
+        background_annulus: see :func:`peaks_table`.
+        batch_size: frames read per batch when re-reading the scan.
+    Returns:
+        :class:`Peaks3D` with the table and the (F, H, W) int32 peak labels.
+    Raises:
+        ScanError: counts is None and the result has no scan file; ScanShapeError: counts do not
+            match the result's frames.
+    """
+    frame_numbers = result.frame_numbers
+    per_frame = [result.frames[int(f)].instances(model) for f in frame_numbers]
+    labels = link_peaks_3d(
+        stack_labels(per_frame, result.frame_shape), max_gap=max_gap, connectivity=connectivity,
+        min_overlap=min_overlap, min_frames=min_frames, frame_numbers=frame_numbers,
+    )
+    source: CountsSource
+    if counts is None:
+        if not result.scan_path:
+            raise ScanError(
+                "this scan result has no scan file (scan_path is None) to re-read counts from; "
+                "pass counts=(F, H, W) array of the predicted frames to scan_peaks / ScanResult.peaks"
+            )
+        source = _read_scan_frames(result.scan_path, frame_numbers, batch_size)
+    else:
+        array = np.asarray(counts)
+        if array.ndim == 3 and len(array) != len(frame_numbers) and array.shape[0] > frame_numbers.max(initial=-1):
+            array = array[frame_numbers]  # the whole scan was passed
+        if array.ndim != 3 or array.shape != labels.shape:
+            raise ScanShapeError(
+                f"counts have shape {array.shape}; expected {labels.shape} (the {len(frame_numbers)} predicted "
+                f"frames) or the whole scan ({len(result.axis_values)}, {result.frame_shape[0]}, {result.frame_shape[1]})",
+                file=result.scan_path,
+            )
+        source = array
+
+    held = [result.frames[int(f)] for f in frame_numbers]
+    has_bad = any(frame.bad_pixels is not None for frame in held)
+
+    def bad_frame(k: int) -> np.ndarray:
+        mask = held[k].bad_pixels
+        return np.zeros(result.frame_shape, bool) if mask is None else mask
+
+    table = peaks_table(
+        labels, source,
+        frame_numbers=frame_numbers, axis_values=result.axis_values if len(result.axis_values) else None,
+        axis_name=result.axis_name,
+        scores=lambda k: _score_image(per_frame[k]), sources=lambda k: _source_image(per_frame[k]),
+        bad_pixels=bad_frame if has_bad else None, background_annulus=background_annulus,
+    )
+    logger.info("linked %d frames of %s instances into %d 3D peaks", len(frame_numbers), model, len(table["id"]))
+    return Peaks3D(
+        table=table, labels=labels, frame_numbers=frame_numbers, axis_name=result.axis_name, model=model,
+        parameters={"max_gap": max_gap, "connectivity": connectivity, "min_overlap": min_overlap,
+                    "min_frames": min_frames, "background_annulus": background_annulus},
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+
+
+def match_peaks_3d(pred_labels: np.ndarray, truth_labels: np.ndarray, *, iou_threshold: float = 0.5) -> dict[str, Any]:
+    """Match predicted to true 3D peaks by voxel IoU, greedily (highest IoU first, one-to-one).
+
+    Args:
+        pred_labels: (F, H, W) int predicted peak labels (0 = none).
+        truth_labels: (F, H, W) int true peak labels (0 = none), e.g. reflection id + 1.
+        iou_threshold: smallest IoU that counts as a match.
+    Returns:
+        dict with tp, fp, fn (int), precision, recall (float; 1.0 when there is nothing to get
+        wrong), mean_iou (over matches; nan when none) and matches ((M, 2) int64 pred, truth ids).
+    """
+    pred = np.asarray(pred_labels)
+    truth = np.asarray(truth_labels)
+    if pred.shape != truth.shape:
+        raise ValueError(f"pred_labels {pred.shape} and truth_labels {truth.shape} differ in shape")
+    pred_ids = np.unique(pred[pred > 0])
+    truth_ids = np.unique(truth[truth > 0])
+    pred_sizes = np.bincount(pred.ravel().astype(np.int64), minlength=1)
+    truth_sizes = np.bincount(truth.ravel().astype(np.int64), minlength=1)
+    both = (pred > 0) & (truth > 0)
+    pairs, overlap = np.unique(np.stack([pred[both], truth[both]]).astype(np.int64), axis=1, return_counts=True)
+    union = pred_sizes[pairs[0]] + truth_sizes[pairs[1]] - overlap
+    iou = overlap / np.maximum(union, 1)
+    order = np.argsort(-iou, kind="stable")
+    used_pred: set[int] = set()
+    used_truth: set[int] = set()
+    matches, matched_iou = [], []
+    for i in order:  # one pass over overlapping pairs only
+        if iou[i] < iou_threshold:
+            break
+        p, t = int(pairs[0, i]), int(pairs[1, i])
+        if p in used_pred or t in used_truth:
+            continue
+        used_pred.add(p)
+        used_truth.add(t)
+        matches.append((p, t))
+        matched_iou.append(float(iou[i]))
+    tp = len(matches)
+    fp = len(pred_ids) - tp
+    fn = len(truth_ids) - tp
+    return {
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "precision": tp / (tp + fp) if tp + fp else 1.0,
+        "recall": tp / (tp + fn) if tp + fn else 1.0,
+        "mean_iou": float(np.mean(matched_iou)) if matched_iou else float("nan"),
+        "matches": np.asarray(matches, dtype=np.int64).reshape(-1, 2),
+    }
+

@@ -1,0 +1,202 @@
+"""The NeXus results file: written atomically, readable by nexusformat and read_results_nexus."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from dipid.errors import NotHDF5Error, ScanError, ScanFileNotFoundError
+from dipid.io import results_nexus
+from dipid.io.results_nexus import read_results_nexus, write_results_nexus
+from dipid.results import SOURCE_FLAGS, ImageResult, Instances, ScanResult, SSLOutput
+from dipid.volume import scan_peaks
+
+H, W = 20, 32
+AXIS = np.linspace(0.10, 0.50, 9)  # the whole scan: 9 frames
+
+
+def _result() -> tuple[ScanResult, np.ndarray]:
+    """Frames 2..6 of a 9-frame hkl_l scan: one peak seen by TLM and SSL, one by SSL only."""
+    rng = np.random.default_rng(1)
+    counts = rng.poisson(3.0, (5, H, W)).astype(np.float32)
+    frames = {}
+    for k, frame in enumerate(range(2, 7)):
+        big = np.zeros((1, H, W), bool)
+        big[0, 4:9, 5:11] = True
+        small = np.zeros((1, H, W), bool)
+        small[0, 14:17, 24:27] = True
+        counts[k][big[0]] += 50.0
+        counts[k][small[0]] += 20.0
+        tlm = Instances.from_masks(big, [0.8 + 0.02 * k], SOURCE_FLAGS["tlm"])
+        ssl_inst = Instances.from_masks(np.concatenate([big, small]), [0.7, 0.6], SOURCE_FLAGS["ssl"])
+        joint = Instances.from_masks(
+            np.concatenate([big, small]), [0.8 + 0.02 * k, 0.6],
+            [SOURCE_FLAGS["tlm"] | SOURCE_FLAGS["ssl"], SOURCE_FLAGS["ssl"]],
+        )
+        frames[frame] = ImageResult(
+            frame=frame, shape=(H, W), joint=joint, tlm=tlm,
+            ssl=SSLOutput(probability=None, mask=ssl_inst.union_mask(), instances=ssl_inst),
+        )
+    result = ScanResult(
+        frames=frames, axis_name="hkl_l", axis_values=AXIS, frame_shape=(H, W), scan_path="/data/1040323.nxs",
+        metadata={
+            "scan": {"title": "scan hkl [0 0 0.1] [0 0 0.5] [0 0 0.05]", "n_frames": 9},
+            "models": ["tlm", "ssl"],
+            "parameters": {"threshold": 0.4, "min_area": 4, "use_nms": False, "device": "cpu",
+                           "weights": {"tlm": {"path": "weights/tlm.safetensors", "sha256": "ab" * 32}}},
+        },
+    )
+    return result, counts
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    result, counts = _result()
+    peaks = scan_peaks(result, counts)
+    path = tmp_path_factory.mktemp("nx") / "out" / "1040323_dipid.nxs"
+    returned = write_results_nexus(
+        path, result, peaks=peaks, software_version="9.9.9", weights_sha256={"tlm": "ab" * 32, "sslm": "cd" * 32},
+        parameters={**result.metadata["parameters"], "max_gap": 1, "out": path.parent},
+    )
+    return returned, result, peaks
+
+
+def test_written_file_opens_in_nexusformat_with_classes_signal_and_axes(written):
+    from nexusformat.nexus import nxload
+
+    path, result, peaks = written
+    assert path.is_file()
+    root = nxload(str(path))
+    try:
+        entry = root["entry"]
+        assert entry.nxclass == "NXentry" and entry.attrs["default"] == "results"
+        assert entry["process"].nxclass == "NXprocess"
+        assert str(entry["process/program"].nxvalue) == "dipid"
+        assert str(entry["process/version"].nxvalue) == "9.9.9"
+        data = entry["results"]
+        assert data.nxclass == "NXdata"
+        assert data.nxsignal.nxname == "peak_labels"
+        assert data.nxsignal.shape == (5, H, W) and data.nxsignal.dtype == np.int32
+        assert [str(a) for a in data.attrs["axes"]] == ["hkl_l", ".", "."]
+        np.testing.assert_allclose(data["hkl_l"].nxvalue, AXIS[2:7])
+        np.testing.assert_array_equal(data["frame"].nxvalue, np.arange(2, 7))
+        np.testing.assert_array_equal(data.nxsignal.nxvalue, peaks.labels)
+        # one NXdata of per-frame instance labels per model present
+        for model in ("tlm", "ssl", "joint"):
+            masks = entry[f"{model}_masks"]
+            assert masks.nxclass == "NXdata" and masks.nxsignal.nxname == "instance_labels"
+            np.testing.assert_array_equal(masks.nxsignal.nxvalue, result.label_volume(model))
+        assert "classical_masks" not in entry
+        table = entry["peaks"]
+        assert table.nxsignal.nxname == "intensity"
+        np.testing.assert_allclose(table["intensity"].nxvalue, peaks.table["intensity"])
+        assert [str(m) for m in table["models"].nxvalue] == peaks.table["models"]
+        assert entry["instances"].nxclass == "NXcollection"
+    finally:
+        root.nxfile.close()
+
+
+def test_volumes_are_compressed_per_frame_and_strings_are_utf8(written):
+    path, _, _ = written
+    with h5py.File(path, "r") as h5:
+        labels = h5["entry/results/peak_labels"]
+        assert labels.compression == "gzip" and labels.chunks == (1, H, W)
+        assert h5["entry/joint_masks/instance_labels"].chunks == (1, H, W)
+        models = h5["entry/peaks/models"]
+        assert h5py.check_string_dtype(models.dtype).encoding == "utf-8"
+        assert h5["entry/process/weights/tlm"].asstr()[()] == "ab" * 32
+        assert h5["entry/process/parameters/threshold"][()] == pytest.approx(0.4)
+        assert h5["entry/process/parameters/device"].asstr()[()] == "cpu"
+
+
+def test_read_results_nexus_round_trip(written):
+    path, result, peaks = written
+    back = read_results_nexus(path)
+    assert back.axis_name == "hkl_l"
+    np.testing.assert_allclose(back.axis_values, AXIS[2:7])
+    np.testing.assert_array_equal(back.frame_numbers, np.arange(2, 7))
+    np.testing.assert_array_equal(back.peak_labels, peaks.labels)
+    assert back.frame_shape == (H, W)
+    assert list(back.peaks) == list(peaks.table)
+    for name, values in peaks.table.items():
+        if isinstance(values, list):
+            assert back.peaks[name] == values
+        else:
+            np.testing.assert_allclose(back.peaks[name], values)
+    assert set(back.model_labels) == {"tlm", "ssl", "joint"}
+    np.testing.assert_array_equal(back.model_labels["ssl"], result.label_volume("ssl"))
+    # every parameter comes back exactly, nested values included
+    assert back.parameters["threshold"] == 0.4 and back.parameters["use_nms"] is False
+    assert back.parameters["weights"]["tlm"]["sha256"] == "ab" * 32
+    assert back.parameters["out"] == str(path.parent)
+    assert back.models == ["tlm", "ssl"]
+    assert back.weights_sha256 == {"tlm": "ab" * 32, "sslm": "cd" * 32}
+    assert back.software_version == "9.9.9" and back.source_scan == "/data/1040323.nxs"
+    assert back.scan_metadata["n_frames"] == 9
+    # the instance table: 1 tlm + 2 ssl + 2 joint instances in each of 5 frames
+    inst = back.instances
+    assert len(inst["frame"]) == 25
+    assert inst["model"].count("joint") == 10 and inst["model"].count("tlm") == 5
+    joint_rows = [i for i, m in enumerate(inst["model"]) if m == "joint"]
+    assert {inst["source"][i] for i in joint_rows} == {"tlm+ssl", "ssl"}
+    # joint instances name the 3D peak they belong to, as in the label volume
+    for i in joint_rows:
+        k = int(inst["frame"][i]) - 2
+        instance_pixels = result.label_volume("joint")[k] == inst["instance"][i]
+        assert set(np.unique(peaks.labels[k][instance_pixels])) == {inst["peak"][i]}
+    assert {inst["peak"][i] for i in joint_rows} == {1, 2}
+
+
+def test_defaults_link_peaks_without_a_table(tmp_path):
+    result, _ = _result()
+    path = write_results_nexus(tmp_path / "bare.nxs", result)
+    plain = tmp_path / "plain.txt"
+    plain.write_text("")
+    assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777  # not mkstemp's private 0600
+    back = read_results_nexus(path)
+    assert back.peaks == {}
+    assert len(np.unique(back.peak_labels[back.peak_labels > 0])) == 2
+    assert back.weights_sha256 == {"tlm": "ab" * 32}  # taken from the result's parameters
+    assert back.parameters["min_area"] == 4 and back.models == ["tlm", "ssl"]
+    with pytest.raises(ValueError, match="peak_labels"):
+        write_results_nexus(tmp_path / "wrong.nxs", result, peak_labels=np.zeros((2, H, W), np.int32))
+    assert not (tmp_path / "wrong.nxs").exists()
+
+
+def test_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    result, counts = _result()
+    peaks = scan_peaks(result, counts)
+    destination = tmp_path / "result.nxs"
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(results_nexus, "_write_instances", fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_results_nexus(destination, result, peaks=peaks)
+    assert list(tmp_path.iterdir()) == []
+    # an existing file survives a failed rewrite untouched
+    monkeypatch.undo()
+    write_results_nexus(destination, result, peaks=peaks, software_version="1.0")
+    before = destination.read_bytes()
+    monkeypatch.setattr(results_nexus, "_write_instances", fail)
+    with pytest.raises(RuntimeError):
+        write_results_nexus(destination, result, peaks=peaks, software_version="2.0")
+    assert destination.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["result.nxs"]
+    assert read_results_nexus(destination).software_version == "1.0"
+
+
+def test_read_errors_name_the_file_and_what_to_do(tmp_path):
+    with pytest.raises(ScanFileNotFoundError, match="missing.nxs"):
+        read_results_nexus(tmp_path / "missing.nxs")
+    text = tmp_path / "notes.nxs"
+    text.write_text("not hdf5")
+    with pytest.raises(NotHDF5Error, match="notes.nxs"):
+        read_results_nexus(text)
+    other = tmp_path / "scan.nxs"
+    with h5py.File(other, "w") as h5:
+        h5.create_group("entry")
+    with pytest.raises(ScanError, match=r"scan.nxs \[/entry/results/peak_labels\].*dipid predict"):
+        read_results_nexus(other)
