@@ -1228,3 +1228,29 @@ def _show_model(fig: go.Figure, models: Sequence[str], model: str, outline_start
     per_model = n_outline // len(models)
     for i in range(n_outline):
         fig.data[outline_start + i].visible = models.index(model) == i // per_model
+
+
+def view_results_file(result_path: str | Path, out: str | Path | None = None) -> Path:
+    """Viewer HTML of a results file written by ``dipid predict`` / ``ScanResult.to_nexus``.
+
+    The frames' counts are re-read from the source scan recorded in the file when it is still
+    there; otherwise the viewer shows the masks alone (and says so in the log).
+    """
+    from dipid.io import open_scan
+    from dipid.io.results_nexus import read_results_nexus
+
+    results = read_results_nexus(result_path)
+    result_path = Path(result_path)
+    out = Path(out) if out is not None else result_path.with_name(result_path.name.replace("_dipid.nxs", "") + "_view.html")
+    counts = None
+    source = Path(results.source_scan) if results.source_scan else None
+    if source is not None and source.is_file():
+        with open_scan(source) as scan:
+            counts = np.stack([scan[int(f)] for f in results.frame_numbers])
+    else:
+        logger.warning("%s: source scan %s not found; the viewer shows masks without counts", result_path, source)
+    return write_viewer(
+        out, counts, results.model_labels, peak_table=results.peaks or None, peak_label_volume=results.peak_labels,
+        axis_name=results.axis_name, axis_values=results.axis_values, frame_numbers=results.frame_numbers,
+        title=f"dipid: {source.name if source else result_path.name}",
+    )

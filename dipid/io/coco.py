@@ -36,6 +36,14 @@ def encode_masks(masks: np.ndarray) -> list[dict]:
     return list(rles)
 
 
+def _chunked(func, rles: list[dict], size: int = 255) -> list:
+    """Apply a pycocotools batch function in chunks: on NumPy 2 it overflows past 255 masks."""
+    out: list = []
+    for start in range(0, len(rles), size):
+        out.extend(list(func(rles[start:start + size])))
+    return out
+
+
 @dataclass
 class FrameLabels:
     """The labelled peaks of one frame.
@@ -85,13 +93,11 @@ class FrameLabels:
 
     def areas(self) -> np.ndarray:
         """(N,) pixel areas."""
-        return np.asarray(mask_utils.area(self._rles_bytes()), dtype=np.int64) if self.rles else np.zeros(0, np.int64)
+        return np.asarray(_chunked(mask_utils.area, self._rles_bytes()), dtype=np.int64).reshape(-1)
 
     def boxes_xyxy(self) -> np.ndarray:
         """(N, 4) float32 boxes (x0, y0, x1, y1) in pixel units, x1/y1 exclusive."""
-        if not self.rles:
-            return np.zeros((0, 4), np.float32)
-        xywh = np.asarray(mask_utils.toBbox(self._rles_bytes()), dtype=np.float32)
+        xywh = np.asarray(_chunked(mask_utils.toBbox, self._rles_bytes()), dtype=np.float32).reshape(-1, 4)
         xywh[:, 2:] += xywh[:, :2]
         return xywh
 

@@ -1,0 +1,172 @@
+"""Scan workflow: one scan in, its results file, peak table and viewer out; many scans, locally or on Dask.
+
+For each scan ``<stem>.nxs`` the outputs are ``<stem>_peaks.csv``, ``<stem>_view.html`` and
+``<stem>_dipid.nxs``. The NeXus file is written last (atomically), so its presence marks a
+finished scan: an interrupted run loses nothing that was finished, and the next run skips it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dipid.errors import DipidError, UnknownNameError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PIPELINE_MODELS", "PredictOptions", "ScanSummary", "output_paths", "process_scan", "process_scans", "load_predictor"]
+
+#: What ``dipid predict --model`` accepts.
+PIPELINE_MODELS = ("joint", "tlm", "ssl", "classical")
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """How to predict a scan; hashable so a worker builds its predictor once per option set.
+
+    Attributes:
+        model: which instance set defines the peaks: joint, tlm, ssl or classical.
+        weights: checkpoint file or folder; None = the shipped ``weights/``.
+        device: "auto", "cpu", "cuda", ...
+        batch_size: frames per model call.
+        threshold: TLM confidence threshold (None = the predictor's default).
+        overwrite: redo scans whose results already exist.
+        viewer: also write the HTML viewer.
+        min_frames: fewest consecutive frames a 3D peak must span (a reflection crossing the Ewald
+            sphere in a rocking scan spans several; single-frame blobs are mostly noise or zingers).
+    """
+
+    model: str = "joint"
+    weights: str | None = None
+    device: str = "auto"
+    batch_size: int = 8
+    threshold: float | None = None
+    overwrite: bool = False
+    viewer: bool = True
+    min_frames: int = 2
+
+    def __post_init__(self) -> None:
+        if self.model not in PIPELINE_MODELS:
+            raise UnknownNameError("model", self.model, PIPELINE_MODELS)
+
+
+@dataclass
+class ScanSummary:
+    """One row of the summary table of a `dipid predict` run."""
+
+    scan: str
+    status: str  # "done", "skipped" or "failed"
+    frames: int = 0
+    peaks: int = 0
+    seconds: float = 0.0
+    error: str = ""
+    outputs: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def output_paths(scan_path: str | Path, out_dir: str | Path) -> dict[str, Path]:
+    """The three result files of a scan: nexus, peaks (CSV) and viewer (HTML)."""
+    stem = Path(scan_path).stem
+    out = Path(out_dir)
+    return {"nexus": out / f"{stem}_dipid.nxs", "peaks": out / f"{stem}_peaks.csv", "viewer": out / f"{stem}_view.html"}
+
+
+@functools.lru_cache(maxsize=4)
+def load_predictor(options: PredictOptions):
+    """Build (once per process and option set) the predictor ``options`` asks for."""
+    from dipid.predict import JointPredictor
+
+    kwargs: dict[str, Any] = {"device": options.device}
+    if options.threshold is not None:
+        kwargs["threshold"] = options.threshold
+    if options.model == "classical":
+        return JointPredictor(**kwargs)
+    return JointPredictor.from_pretrained(options.weights, **kwargs)
+
+
+def process_scan(scan_path: str | Path, out_dir: str | Path, options: PredictOptions = PredictOptions()) -> ScanSummary:
+    """Predict one scan and write its three outputs. Never raises for a bad scan: the summary says why."""
+    from dipid import __version__
+    from dipid.io import open_scan
+    from dipid.io.results_nexus import write_results_nexus
+    from dipid.volume import scan_peaks
+
+    scan_path = Path(scan_path)
+    paths = output_paths(scan_path, out_dir)
+    summary = ScanSummary(scan=str(scan_path), status="done", outputs={k: str(v) for k, v in paths.items()})
+    if paths["nexus"].exists() and not options.overwrite:
+        summary.status = "skipped"
+        return summary
+    started = time.perf_counter()
+    try:
+        predictor = load_predictor(options)
+        with open_scan(scan_path) as scan:
+            use = _model_flags(options.model, predictor)
+            result = predictor.predict_scan(scan, batch_size=options.batch_size, **use)
+            frames = result.frame_numbers
+            counts = scan[int(frames[0]):int(frames[-1]) + 1] if len(frames) else None
+        peaks = scan_peaks(result, counts, model=options.model, min_frames=options.min_frames)
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        peaks.to_csv(paths["peaks"])
+        if options.viewer:
+            from dipid.viz import view_scan_result
+
+            view_scan_result(result, counts, paths["viewer"], peak_table=peaks)
+        write_results_nexus(
+            paths["nexus"], result, peaks=peaks, peak_labels=peaks.labels, software_version=__version__,
+            model_names=result.metadata.get("models", []), weights_sha256={
+                k: v.get("sha256", "") for k, v in predictor.weights_info.items()},
+            parameters={**predictor.parameters_dict(), **asdict(options)},
+        )
+        summary.frames, summary.peaks = len(result), len(peaks)
+    except DipidError as exc:
+        summary.status, summary.error = "failed", str(exc)
+    except Exception as exc:  # one broken scan must not stop the others; the log keeps the traceback
+        logger.debug("scan %s failed:\n%s", scan_path, traceback.format_exc())
+        summary.status, summary.error = "failed", f"{scan_path}: {type(exc).__name__}: {exc}"
+    summary.seconds = time.perf_counter() - started
+    if summary.status == "failed":
+        logger.error("%s", summary.error)
+    return summary
+
+
+def _model_flags(model: str, predictor) -> dict[str, bool]:
+    if model == "classical":
+        return {"use_tlm": False, "use_ssl": False, "use_classical": True}
+    if model == "tlm":
+        return {"use_tlm": True, "use_ssl": False}
+    if model == "ssl":
+        return {"use_tlm": False, "use_ssl": True}
+    return {"use_tlm": True, "use_ssl": True}
+
+
+def process_scans(
+    scans: Sequence[str | Path],
+    out_dir: str | Path,
+    options: PredictOptions = PredictOptions(),
+    *,
+    workers: int = 0,
+    scheduler: str | None = None,
+    progress: bool = True,
+) -> list[ScanSummary]:
+    """Process many scans: in this process (``workers=0``), on a Dask LocalCluster of ``workers``
+    processes, or on an existing Dask cluster at ``scheduler`` (e.g. one from dask-jobqueue).
+    One task per scan; the workers write the results; a failed scan is reported, the others go on.
+    """
+    if scheduler is None and workers <= 0:
+        from tqdm.auto import tqdm
+
+        return [process_scan(s, out_dir, options) for s in tqdm(list(scans), desc="scans", unit="scan", disable=not progress)]
+    from dipid.cluster import run_on_dask
+
+    return run_on_dask(scans, out_dir, options, workers=workers, scheduler=scheduler, progress=progress)

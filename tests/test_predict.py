@@ -1,0 +1,147 @@
+"""JointPredictor end to end with randomly initialised models on simulated scans."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dipid.errors import UnknownNameError, WeightsNotFoundError
+from dipid.models import build_sslm, build_tlm, save_checkpoint
+from dipid.predict import JointPredictor, PredictorSettings
+from dipid.results import Instances
+from dipid.synth import simulate_scan
+
+
+@pytest.fixture(scope="module")
+def predictor() -> JointPredictor:
+    torch.manual_seed(0)
+    return JointPredictor(tlm=build_tlm(), sslm=build_sslm(), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def sim_scan(tmp_path_factory):
+    sim = simulate_scan(n_frames=6, preset="realistic", seed=3)
+    files = sim.write(tmp_path_factory.mktemp("scan"), "sim_e2e")
+    return sim, files
+
+
+def test_predict_scan_shapes_every_frame(predictor, sim_scan):
+    sim, files = sim_scan
+    result = predictor.predict_scan(files.nexus, batch_size=4, use_classical=True)
+    n, h, w = sim.frames.shape
+    assert len(result) == n
+    assert result.frame_numbers.tolist() == list(range(n))
+    assert result.axis_name == "eta" and result.axis_values.shape == (n,)
+    for frame in result:
+        assert frame.shape == (h, w)
+        for model in ("tlm", "ssl", "joint", "classical"):
+            inst = frame.instances(model)
+            assert inst.shape == (h, w)
+            assert inst.masks.shape == (len(inst), h, w)
+            assert inst.scores.dtype == np.float32 and inst.boxes.shape == (len(inst), 4)
+            assert np.all((inst.scores >= 0) & (inst.scores <= 1))
+            assert np.all(inst.areas >= predictor.settings.min_area)
+        assert frame.ssl.mask.shape == (h, w) and frame.ssl.mask.dtype == bool
+        assert frame.bad_pixels.shape == (h, w)
+    for model in ("tlm", "ssl", "joint"):
+        vol = result.volume(model)
+        assert vol.shape == (n, h, w) and vol.dtype == bool
+        # the volume stacks exactly the per-frame unions
+        for k, f in enumerate(result.frame_numbers):
+            np.testing.assert_array_equal(vol[k], result[f].instances(model).union_mask())
+
+
+def test_predict_scan_range_and_one_image(predictor, sim_scan):
+    sim, files = sim_scan
+    part = predictor.predict_scan(files.nexus, start_val=2, end_val=5, use_ssl=False)
+    assert part.frame_numbers.tolist() == [2, 3, 4]
+    assert all(f.ssl is None for f in part)
+    one = predictor.predict_one_image(files.nexus, 3, use_ssl=False)
+    # the batched scan path and the single-image path give the same instances
+    np.testing.assert_array_equal(one.tlm.masks, part[3].tlm.masks)
+    np.testing.assert_allclose(one.tlm.scores, part[3].tlm.scores, rtol=1e-4, atol=1e-5)
+    # a bare 2D array works too
+    arr = predictor.predict_one_image(sim.frames[3].astype(np.float32), use_ssl=False)
+    assert arr.frame is None and arr.shape == sim.frames.shape[1:]
+
+
+def test_threshold_filters_tlm_scores(sim_scan):
+    torch.manual_seed(1)
+    tlm = build_tlm()
+    low = JointPredictor(tlm=tlm, threshold=0.0, device="cpu")
+    high = JointPredictor(tlm=tlm, threshold=0.9, device="cpu")
+    frame = sim_scan[0].frames[2]
+    a, b = low.predict_one_image(frame).tlm, high.predict_one_image(frame).tlm
+    assert len(b) <= len(a)
+    assert np.all(b.scores >= 0.9)
+
+
+def test_instances_container():
+    masks = np.zeros((3, 20, 30), bool)
+    masks[0, 2:5, 3:9] = True
+    masks[1, 10:15, 10:12] = True
+    masks[2, 0:1, 0:1] = True
+    inst = Instances.from_masks(masks, [0.9, 0.5, 0.1], 1)
+    assert len(inst) == 3
+    np.testing.assert_array_equal(inst.masks, masks)
+    assert inst.boxes.tolist()[0] == [3, 2, 9, 5]
+    assert inst.areas.tolist() == [18, 10, 1]
+    sub = inst[1:]
+    assert len(sub) == 2 and sub.scores.tolist() == pytest.approx([0.5, 0.1])
+    assert len(inst.filter(score_threshold=0.4, min_area=5)) == 2
+    labels = inst.label_image()
+    assert labels[3, 4] == 1 and labels[12, 11] == 2 and labels[0, 0] == 3
+    table = inst.to_dict()
+    assert table["source"] == ["tlm"] * 3 and table["row"][0] == pytest.approx(3.0)
+    with pytest.raises(UnknownNameError):
+        from dipid.results import ImageResult
+
+        ImageResult(frame=0, shape=(20, 30), joint=inst).instances("nope")
+
+
+def test_from_pretrained_missing_and_roundtrip(tmp_path):
+    with pytest.raises(WeightsNotFoundError, match="dipid train tlm"):
+        JointPredictor.from_pretrained(tmp_path)
+    torch.manual_seed(0)
+    sslm = build_sslm(channels=8)
+    sslm.config.channel_roles = [0] * 7 + [2]
+    save_checkpoint(sslm, tmp_path / "sslm.safetensors")
+    loaded = JointPredictor.from_pretrained(tmp_path, device="cpu")
+    assert loaded.tlm is None and loaded.sslm is not None
+    assert loaded.available_models == ("ssl", "joint", "classical")
+    assert len(loaded.weights_info["sslm"]["sha256"]) == 64
+    # a damaged shipped file is refused
+    (tmp_path / "SHA256SUMS").write_text("0" * 64 + "  sslm.safetensors\n")
+    with pytest.raises(WeightsNotFoundError, match="sha256"):
+        JointPredictor.from_pretrained(tmp_path)
+
+
+def test_large_frame_tiles_merge_peaks_on_borders():
+    """An Eiger-sized frame is tiled; peaks sitting on tile borders come back whole, once."""
+    from dipid.tiling import tile_grid
+
+    rng = np.random.default_rng(0)
+    h, w = 1100, 1000
+    frame = rng.poisson(2.0, (h, w)).astype(np.float32)
+    settings = PredictorSettings(tile_size=512, tile_overlap=64)
+    tiles = tile_grid((h, w), tile=512, overlap=64)
+    assert len(tiles) > 1
+    # peaks centred on the vertical and horizontal cut lines of the grid, one bigger than the overlap
+    centres = [(200, tiles[0].x1 - 32, 6), (tiles[0].y1 - 30, 300, 6), (700, tiles[1].x1 - 20, 45)]
+    yy, xx = np.mgrid[0:h, 0:w]
+    for r, c, sigma in centres:
+        frame += 3000 * np.exp(-((yy - r) ** 2 + (xx - c) ** 2) / (2 * sigma**2))
+    tiled = JointPredictor(device="cpu", settings=settings).predict_one_image(frame, use_classical=True)
+    whole = JointPredictor(device="cpu", settings=PredictorSettings(tile_size=4096)).predict_one_image(
+        frame, use_classical=True)
+    found = tiled.classical
+    assert len(found) == len(whole.classical) == 3
+    cents = found.centroids()
+    for r, c, _ in centres:
+        assert np.min(np.hypot(cents[:, 0] - r, cents[:, 1] - c)) < 3
+    # the merged masks equal those of the untiled frame up to a thin border effect
+    from dipid.metrics import mask_iou_matrix
+
+    iou = mask_iou_matrix(found.masks, whole.classical.masks)
+    assert np.all(iou.max(axis=1) > 0.9)
