@@ -22,8 +22,9 @@ from dipid.train import run as runmod
 from dipid.train.tlm import HISTORY_COLUMNS, LOSS_PARTS, is_improvement, train_tlm, warmup_factor
 
 FRAME_SHAPE = (32, 32)
-#: Small settings that keep a CPU step to a few seconds; lr small because a randomly initialised
-#: ResNet body (no base weights here: no network) gives large activations.
+#: Small settings that keep a CPU step to a few seconds. The 32 x 32 test frames shrink to 1 x 1
+#: in the ResNet's last stage, where trainable BatchNorm cannot work on a batch of one, so the
+#: body's BatchNorm is frozen here (as with a pretrained start).
 FAST = dict(
     batch_size=1,
     steps_per_epoch=1,
@@ -32,7 +33,8 @@ FAST = dict(
     warmup_steps=0,
     rois_per_image=16,
     progress=False,
-    model_options={"detections_per_img": 3, "rpn_pre_nms_top_n_test": 50, "rpn_post_nms_top_n_test": 20},
+    model_options={"detections_per_img": 3, "rpn_pre_nms_top_n_test": 50, "rpn_post_nms_top_n_test": 20,
+                   "batchnorm": "frozen"},
 )
 
 
