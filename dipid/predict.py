@@ -109,6 +109,12 @@ class JointPredictor:
         base = settings or PredictorSettings()
         self.settings = PredictorSettings(**{**asdict(base), "threshold": threshold if settings is None else base.threshold})
         self.tlm = tlm.to(self.device).eval() if tlm is not None else None
+        if self.tlm is not None:
+            # Detections under the confidence threshold are dropped anyway: dropping them inside the
+            # network spares the mask head (the costliest part per detection) from computing them.
+            # Outputs are unchanged: box NMS only ever suppresses a box with a higher-scored one.
+            heads = self.tlm.net.roi_heads
+            heads.score_thresh = max(float(heads.score_thresh), self.settings.threshold)
         self.sslm = sslm.to(self.device).eval() if sslm is not None else None
         self.classical = classical if classical is not None else ClassicalFinder()
         self.weights_info = dict(weights_info or {})

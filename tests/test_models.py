@@ -349,7 +349,8 @@ def test_batchnorm_frozen_for_pretrained_start_trainable_from_scratch():
     model = build_tlm(version="v2", batchnorm="frozen", **TLM_SMALL)
     assert norms(model) and all(isinstance(m, FrozenBatchNorm2d) for m in norms(model))
     assert model.net.backbone.body.conv1.in_channels == 1
-    assert model.config.batchnorm_eps == 1e-5 and build_tlm(batchnorm="frozen", **TLM_SMALL).config.batchnorm_eps == 0.0
+    assert model.config.batchnorm_eps == 1e-5
+    assert build_tlm(batchnorm="frozen", **TLM_SMALL).config.batchnorm_eps == 0.0
     # from random initialisation there are no statistics to freeze: BatchNorm trains
     scratch = build_tlm(**TLM_SMALL)
     assert scratch.config.batchnorm == "batch"

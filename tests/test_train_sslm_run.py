@@ -215,8 +215,11 @@ def test_sslm_run_folder_history_and_checkpoints(straight_run, data):
     assert header == list(SSLM_HISTORY_COLUMNS)
     rows = runmod.read_history_csv(out / "history.csv")
     assert [(r["epoch"], r["step"]) for r in rows] == [(1, 2), (2, 4)]
+    weights = load_checkpoint(out / "last.safetensors").config.loss_weights()
     for row in rows:
-        assert row["loss"] == pytest.approx(row["similarity"] + row["continuity"] + 0.1 * row["context"], rel=1e-5)
+        expected = (weights.similarity * row["similarity"] + weights.continuity * row["continuity"]
+                    + weights.context * row["context"])
+        assert row["loss"] == pytest.approx(expected, rel=1e-5)
         assert math.isnan(row["val_iou"]) and row["lr"] == 0.1 and row["seconds"] > 0
     best_epoch = min(rows, key=lambda r: r["loss"])["epoch"]
     assert summary.best_epoch == best_epoch

@@ -42,10 +42,10 @@ Where dipid departs from the papers, and why:
 * **Bad pixels** (detector gaps, dead pixels, negative in Pilatus data) must be filled from their
   neighbours before normalisation, otherwise the gaps become a cluster of their own.
 * **Half the spatial-continuity weight of Kim et al.** (0.5 instead of 1). Trained across frames,
-  a weight of 1 merged the faint halo of peaks into the background: on simulated realistic I16
-  scans (32 channels, 150 steps, two seeds each) the peak IoU was 0.29-0.57 with weight 1 and
-  0.72-0.80 with 0.5 (0.74-0.80 with 0.25), for both 3 and 5 conv layers
-  (``benchmarks/sslm_quick.py``).
+  a weight of 1 merged the faint halo of peaks into the background. On simulated realistic I16
+  scans (``benchmarks/sslm_quick.py``: 32 channels, 150 steps, several seeds and 3 or 5 conv
+  layers) the peak IoU was 0.29-0.57 with weight 1 (4 runs), 0.72-0.80 with 0.5 (5 runs),
+  0.22-0.82 with 0.25 (5 runs, unstable) and 0.34-0.58 with 0.1 (2 runs).
 * **Context consistency uses a mass-weighted mean** of the per-channel variances with
   coordinates in units of the frame's longer side, so the loss does not depend on frame size and
   channels that win almost no pixels (whose centroid is ill-defined) barely count.

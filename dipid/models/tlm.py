@@ -135,9 +135,10 @@ class TLMConfig:
             and in total after it (eval).
         rpn_batch_size_per_image, box_batch_size_per_image: anchors and proposals sampled per
             frame for the RPN and box-head losses (training).
-        batchnorm_eps: eps of the frozen BatchNorm layers. The ResNet body's BatchNorm is always
-            FrozenBatchNorm2d (statistics and affine fixed: detection batches of a few frames
-            give useless batch statistics), and so is the FPN's (v2) when ``freeze="backbone"``.
+        batchnorm_eps: eps of the frozen BatchNorm layers. With ``batchnorm="frozen"`` the ResNet
+            body's BatchNorm is FrozenBatchNorm2d (statistics and affine fixed: detection batches
+            of a few frames give useless batch statistics); the FPN's (v2) is frozen whenever
+            ``freeze="backbone"``.
         batchnorm: "frozen" (FrozenBatchNorm2d in the ResNet body: for a pretrained start) or
             "batch" (ordinary, trainable BatchNorm2d: training from random initialisation).
         base_weights: where the initial weights came from (provenance only; rebuilding a model
