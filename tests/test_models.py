@@ -224,7 +224,8 @@ def test_float16_checkpoint_is_smaller_and_loads_as_float32(name, eval_models, s
         stored = read_checkpoint_tensors(half)
         # every floating tensor is stored as float16; BatchNorm's integer counters stay integers
         assert all(t.dtype == torch.float16 for k, t in stored.items() if not k.endswith("num_batches_tracked"))
-        loaded_state = {k: v.float() for k, v in list(stored.items())[::7] if not k.endswith("num_batches_tracked")}  # a sample keeps it quick
+        sample = list(stored.items())[::7]  # a sample keeps it quick
+        loaded_state = {k: v.float() for k, v in sample if not k.endswith("num_batches_tracked")}
     else:
         loaded_state = load_checkpoint(half).state_dict()
     for key, value in loaded_state.items():
@@ -354,7 +355,8 @@ def test_batchnorm_frozen_for_pretrained_start_trainable_from_scratch():
     # from random initialisation there are no statistics to freeze: BatchNorm trains
     scratch = build_tlm(**TLM_SMALL)
     assert scratch.config.batchnorm == "batch"
-    body_norms = [m for m in scratch.net.backbone.body.modules() if isinstance(m, (FrozenBatchNorm2d, torch.nn.BatchNorm2d))]
+    norm_types = (FrozenBatchNorm2d, torch.nn.BatchNorm2d)
+    body_norms = [m for m in scratch.net.backbone.body.modules() if isinstance(m, norm_types)]
     assert body_norms and all(type(m) is torch.nn.BatchNorm2d for m in body_norms)
     # its statistics follow the data in training mode (frozen ones never move)
     before = body_norms[0].running_mean.clone()
@@ -382,7 +384,11 @@ def test_torchvision_pth_base_weights_are_folded_to_grey(tmp_path):
         torch.nn.functional.conv2d(grey, state["backbone.body.conv1.weight"]),
         torch.nn.functional.conv2d(grey.expand(1, 3, 16, 16), rgb),
     )
-    shared = ("backbone.body.layer4.2.conv3.weight", "backbone.fpn.layer_blocks.0.0.weight", "rpn.head.cls_logits.weight")
+    shared = (
+        "backbone.body.layer4.2.conv3.weight",
+        "backbone.fpn.layer_blocks.0.0.weight",
+        "rpn.head.cls_logits.weight",
+    )
     for key in shared:
         torch.testing.assert_close(state[key], reference[key], msg=key)
     torch.testing.assert_close(state["backbone.body.bn1.running_var"], reference["backbone.body.bn1.running_var"])
