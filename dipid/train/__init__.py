@@ -5,7 +5,17 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_LAZY = {"fit_sslm": "dipid.train.sslm", "train_sslm": "dipid.train.sslm"}
+_LAZY = {
+    "fit_sslm": "dipid.train.sslm",
+    "train_sslm": "dipid.train.sslm",
+    "train_tlm": "dipid.train.tlm",
+    "TLMTrainOptions": "dipid.train.tlm",
+    "train_sslm_run": "dipid.train.sslm_run",
+    "SSLMTrainOptions": "dipid.train.sslm_run",
+    "RunSummary": "dipid.train.run",
+    "load_training_data": "dipid.train.datasets",
+    "build_augmentation": "dipid.train.augment",
+}
 
 __all__ = list(_LAZY)
 
