@@ -104,3 +104,15 @@ def test_dask_local_cluster_matches_single_process(scans, tmp_path):
 def test_console_script_entry_point(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "dipid.cli", "--version"], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.startswith("dipid ")
+
+
+def test_evaluate_command_writes_report(scans, tmp_path, capsys):
+    labels = [str(Path(s).with_name(Path(s).stem + "_labels.json")) for s in scans]
+    report = tmp_path / "report.json"
+    assert main(["evaluate", "--model", "classical", "--data", *labels, "--out", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "classical" in out and "mean_iou" in out and "scan1.nxs" in out
+    doc = json.loads(report.read_text())
+    summary = doc["summary"]["classical"]
+    assert 0.0 <= summary["mean_iou"] <= 1.0 and summary["n_frames"] == 16
+    assert set(doc["per_scan"]["classical"]) == {"scan1.nxs", "scan2.nxs"}
