@@ -112,10 +112,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _summary_table(summaries) -> str:
-    from dipid.evaluate import _table
+    from dipid.evaluate import text_table
 
     rows = [[Path(s.scan).name, s.status, s.frames, s.peaks, round(s.seconds, 1)] for s in summaries]
-    return _table(["scan", "status", "frames", "peaks", "seconds"], rows)
+    return text_table(["scan", "status", "frames", "peaks", "seconds"], rows)
 
 
 def cmd_view(args: argparse.Namespace) -> int:

@@ -38,13 +38,13 @@ class DemoReport:
     precision: float
 
     def format(self) -> str:
-        from dipid.evaluate import _table
+        from dipid.evaluate import text_table
 
         cols = list(self.comparison)
         rows = list(zip(*self.comparison.values()))
         lines = [
             f"model: {self.model}",
-            _table(cols, rows),
+            text_table(cols, rows),
             f"3D peaks: recall {self.recall:.2f}, precision {self.precision:.2f} (voxel IoU >= 0.5)",
             *(f"{k}: {v}" for k, v in self.outputs.items()),
         ]
@@ -83,20 +83,19 @@ def run_demo(out: str | Path = "dipid-demo", *, seed: int = 7, frames: int = 61,
     results = read_results_nexus(summary.outputs["nexus"])
     truth = sim.truth_volume()
     match = match_peaks_3d(results.peak_labels, truth)
-    comparison = _comparison(results, sim, match["matches"])
+    comparison = _comparison(results, truth, match["matches"])
     return DemoReport(
         outputs={"scan": files.nexus, "labels": files.labels, **{k: Path(v) for k, v in summary.outputs.items()}},
         model=why, comparison=comparison, recall=float(match["recall"]), precision=float(match["precision"]),
     )
 
 
-def _comparison(results, sim, matches: np.ndarray) -> dict[str, list]:
+def _comparison(results, truth: np.ndarray, matches: np.ndarray) -> dict[str, list]:
     """One row per true reflection with the peak matched to it, then unmatched found peaks."""
     peaks = results.peaks
     axis = results.axis_name
     pred_row = {int(pid): k for k, pid in enumerate(peaks["id"])}
     truth_to_pred = {int(t): int(p) for p, t in np.asarray(matches).reshape(-1, 2)}
-    truth = sim.truth_volume()
     cols: dict[str, list] = {"true id": [], "true frames": [], "true row,col": [], "found id": [], "found frames": [],
                              "found row,col": [], axis: [], "intensity": []}
     for tid in np.unique(truth[truth > 0]):

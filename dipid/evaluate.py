@@ -24,7 +24,7 @@ from dipid.results import MODEL_KINDS, Instances
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EvaluationReport", "evaluate", "load_label_sets", "merge_views", "model_seconds"]
+__all__ = ["EvaluationReport", "evaluate", "load_label_sets", "merge_views", "model_seconds", "text_table"]
 
 #: Stages whose time each model's frames/s is made of (see ImageResult.timings).
 _MODEL_STAGES = {
@@ -121,12 +121,12 @@ class EvaluationReport:
 
     def format_table(self, columns: Sequence[str] = SUMMARY_COLUMNS) -> str:
         """The summary and the per-scan breakdown as fixed-width text tables."""
-        lines = [_table(["model", *columns], [[m, *(self.summary[m].get(c, float("nan")) for c in columns)]
+        lines = [text_table(["model", *columns], [[m, *(self.summary[m].get(c, float("nan")) for c in columns)]
                                               for m in self.summary])]
         scan_cols = ("n_frames", "mean_iou", "precision", "recall", "f1", "hit_auc")
         rows = [[m, Path(s).name, *(v.get(c, float("nan")) for c in scan_cols)]
                 for m, scans in self.per_scan.items() for s, v in scans.items()]
-        lines.append(_table(["model", "scan", *scan_cols], rows))
+        lines.append(text_table(["model", "scan", *scan_cols], rows))
         return "\n\n".join(lines)
 
 
@@ -136,7 +136,8 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+def text_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Fixed-width text table: first column left-aligned, the others right-aligned."""
     cells = [[str(h) for h in header], *[[_fmt(v) for v in row] for row in rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     text = ["  ".join(c.rjust(w) if k else c.ljust(w) for k, (c, w) in enumerate(zip(r, widths))) for r in cells]
@@ -199,9 +200,7 @@ def evaluate(
                 with open_scan(labels.scan_path(scan_name)) as scan:
                     for start in range(0, len(frame_labels), batch_size):
                         chunk = frame_labels[start:start + batch_size]
-                        batches = [next(iter(scan.iter_frames(fl.frame, fl.frame + 1, 1))) for fl in chunk]
-                        counts = np.stack([b.frames[0] for b in batches])
-                        bad = np.stack([b.bad_pixels[0] for b in batches])
+                        counts, bad = scan.read_frames([fl.frame for fl in chunk])
                         per_view = []
                         for forward, inverse in views:
                             results = predictor.predict_frames(

@@ -113,8 +113,7 @@ def process_scan(scan_path: str | Path, out_dir: str | Path, options: PredictOpt
         with open_scan(scan_path) as scan:
             use = _model_flags(options.model, predictor)
             result = predictor.predict_scan(scan, batch_size=options.batch_size, **use)
-            frames = result.frame_numbers
-            counts = scan[int(frames[0]):int(frames[-1]) + 1] if len(frames) else None
+            counts = result.read_counts(scan)
         peaks = scan_peaks(result, counts, model=options.model, min_frames=options.min_frames)
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         peaks.to_csv(paths["peaks"])

@@ -288,8 +288,7 @@ class JointPredictor:
             results = self.predict_frames(tile_counts, bad_pixels=tile_bad, keep_probability=probability is not None, **flags)
             for tile, res in zip(group, results):
                 for kind in found:
-                    present = res.ssl is not None if kind == "ssl" else getattr(res, kind) is not None
-                    if present:
+                    if res.has(kind):
                         found[kind].append(shift_instances(in_core(res.instances(kind), tile), tile, shape))
                 if probability is not None and res.ssl is not None:
                     region = probability[tile.slices]
@@ -474,11 +473,8 @@ def _one_frame(scan_or_path: Any, img_no: int) -> tuple[np.ndarray, np.ndarray, 
         bad = raw < 0
         return (fill_bad_pixels(raw, bad) if bad.any() else raw), bad, frame
     scan = scan_or_path if isinstance(scan_or_path, Scan) else open_scan(scan_or_path)
-    index = img_no if img_no >= 0 else len(scan) + img_no
-    batch = next(iter(scan.iter_frames(index, index + 1, 1))) if 0 <= index < len(scan) else None
-    if batch is None:
-        scan[img_no]  # raises the scan's FrameIndexError with the valid range
-    return batch.frames[0], batch.bad_pixels[0], index
+    counts, bad = scan.read_frames([img_no])
+    return counts[0], bad[0], img_no if img_no >= 0 else len(scan) + img_no
 
 
 def _prefetch(iterator: Iterator, depth: int = 2) -> Iterator:

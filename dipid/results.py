@@ -192,6 +192,10 @@ class ImageResult:
     bad_pixels: np.ndarray | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
+    def has(self, model: str) -> bool:
+        """Whether ``model``'s output is present (the model ran on this frame)."""
+        return (self.ssl if model == "ssl" else getattr(self, model)) is not None
+
     def instances(self, model: str = "joint") -> Instances:
         """The instance set of one model: "tlm", "ssl", "joint" or "classical"."""
         from dipid.errors import UnknownNameError
@@ -206,8 +210,7 @@ class ImageResult:
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"frame": self.frame, "shape": list(self.shape), "timings": dict(self.timings)}
         for kind in MODEL_KINDS:
-            present = (self.ssl is not None) if kind == "ssl" else (getattr(self, kind) is not None)
-            if present:
+            if self.has(kind):
                 out[kind] = self.instances(kind).to_dict()
         return out
 
@@ -273,16 +276,18 @@ class ScanResult:
         peaks = peaks if peaks is not None else self.peaks(model=model)
         return write_results_nexus(path, self, peaks=peaks, peak_labels=peaks.labels)
 
-    def read_counts(self) -> np.ndarray:
-        """(F, H, W) float32 counts of the held frames, re-read from ``scan_path``."""
+    def read_counts(self, scan: Any | None = None) -> np.ndarray:
+        """(F, H, W) float32 filled counts of the held frames, from ``scan`` (an open
+        :class:`dipid.io.Scan`) or re-read from ``scan_path``."""
         from dipid.errors import DipidError
         from dipid.io import open_scan
 
+        if scan is not None:
+            return scan.read_frames(self.frame_numbers)[0]
         if self.scan_path is None:
             raise DipidError("this result was not predicted from a scan file; pass the frames' counts")
-        frames = self.frame_numbers
-        with open_scan(self.scan_path) as scan:
-            return np.stack([scan[int(f)] for f in frames]) if len(frames) else np.zeros((0, *self.frame_shape), np.float32)
+        with open_scan(self.scan_path) as opened:
+            return opened.read_frames(self.frame_numbers)[0]
 
     def view(self, path: str | Path, *, counts: np.ndarray | None = None, model: str = "joint") -> Path:
         """Write the standalone HTML viewer (3D peaks of ``model`` and a frame slider); returns its path."""

@@ -544,3 +544,18 @@ def test_bad_pixels_function():
     np.testing.assert_array_equal(bad_pixels(raw), raw < 0)
     floats = np.array([[np.nan, 1.0]], np.float32)
     np.testing.assert_array_equal(bad_pixels(floats), [[True, False]])
+
+
+def test_read_frames_by_number(linked_scans):
+    nexus, _ = linked_scans[NEW_SCAN]
+    with open_scan(nexus) as scan:
+        frames, bad = scan.read_frames([3, 4, 5])
+        batch = next(scan.iter_frames(3, 6, 3))
+        np.testing.assert_array_equal(frames, batch.frames)
+        np.testing.assert_array_equal(bad, batch.bad_pixels)
+        picked, _ = scan.read_frames([5, 1, -1])
+        np.testing.assert_array_equal(picked[0], scan[5])
+        np.testing.assert_array_equal(picked[1], scan[1])
+        np.testing.assert_array_equal(picked[2], scan[len(scan) - 1])
+        with pytest.raises(FrameIndexError, match="outside the scan"):
+            scan.read_frames([0, len(scan)])

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -538,6 +538,29 @@ class Scan:
         if i < 0:
             i += n
         return self._process(self._frames().read(i, i + 1))[0][0]
+
+    def read_frames(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Frames by number -> ((k, H, W) float32 filled, (k, H, W) bool bad pixels).
+
+        Negative numbers count from the end; consecutive frames are read with one slice.
+        """
+        n = len(self)
+        picks = []
+        for index in indices:
+            i = int(index)
+            if not -n <= i < n:
+                raise FrameIndexError(
+                    f"frame {i} is outside the scan: it has {n} frames (valid 0..{n - 1}, or -{n}..-1)",
+                    file=self.path, path_in_file=self.data_path,
+                )
+            picks.append(i + n if i < 0 else i)
+        if not picks:
+            return np.empty((0, *self.frame_shape), np.float32), np.empty((0, *self.frame_shape), bool)
+        if picks == list(range(picks[0], picks[0] + len(picks))):
+            raw = self._frames().read(picks[0], picks[0] + len(picks))
+        else:
+            raw = np.stack([self._frames().read(i, i + 1)[0] for i in picks])
+        return self._process(raw)
 
     def iter_frames(self, start: int = 0, stop: int | None = None, batch: int = 16) -> Iterator[FrameBatch]:
         """Batches of consecutive frames, each read with one slice.
