@@ -27,18 +27,20 @@ TEST_SEED = 20_261_121
 PRESET_CYCLE = ("easy", "realistic", "hard")
 
 
-def build_test_set(folder: Path, *, n_scans: int, n_frames: int) -> list[Path]:
-    """Write (once) and return the label files of the test set."""
+def build_test_set(folder: Path, *, n_scans: int, n_frames: int, base_seed: int = TEST_SEED,
+                   prefix: str = "test") -> list[Path]:
+    """Write (once) and return the label files of the test set (or, with another ``base_seed``,
+    of another set drawn the same way)."""
     from dipid.synth import scan_seed, simulate_scan
 
     folder.mkdir(parents=True, exist_ok=True)
     labels = []
     for k in range(n_scans):
         preset = PRESET_CYCLE[k % len(PRESET_CYCLE)]
-        name = f"test_{k:02d}_{preset}"
+        name = f"{prefix}_{k:02d}_{preset}"
         json_path = folder / f"{name}_labels.json"
         if not json_path.exists():
-            simulate_scan(n_frames=n_frames, preset=preset, seed=scan_seed(TEST_SEED, k)).write(folder, name)
+            simulate_scan(n_frames=n_frames, preset=preset, seed=scan_seed(base_seed, k)).write(folder, name)
         labels.append(json_path)
     return labels
 

@@ -21,19 +21,13 @@ import torch
 
 from dipid.models import normalize_counts, save_checkpoint
 from dipid.models.sslm import ROLE_BACKGROUND, SSLMConfig, assign_channels
+from dipid.io import fill_bad_pixels
 from dipid.synth import simulate_scan
 from dipid.train.sslm import frames_to_tensor, train_sslm
-
-try:
-    from dipid.io import fill_bad_pixels
-except ImportError:  # dipid.io not there yet: bad pixels as 0 counts
-    fill_bad_pixels = None
 
 
 def filled(frames: np.ndarray) -> np.ndarray:
     """Counts with bad (negative) pixels filled from their neighbours."""
-    if fill_bad_pixels is None:
-        return np.maximum(frames, 0)
     return fill_bad_pixels(frames, frames < 0)
 
 

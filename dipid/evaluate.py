@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,15 @@ from dipid.results import MODEL_KINDS, Instances
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EvaluationReport", "evaluate", "load_label_sets", "merge_views", "model_seconds", "text_table"]
+__all__ = [
+    "EvaluationReport",
+    "evaluate",
+    "iter_labelled_batches",
+    "load_label_sets",
+    "merge_views",
+    "model_seconds",
+    "text_table",
+]
 
 #: Stages whose time each model's frames/s is made of (see ImageResult.timings).
 _MODEL_STAGES = {
@@ -52,6 +60,25 @@ def load_label_sets(spec: str | Path | Sequence[str | Path]) -> list[LabelSet]:
             raise LabelError(f"{path}: no COCO label files (*_labels.json or *.json) in this folder")
         return [read_coco(f) for f in files]
     return [read_coco(path)]
+
+
+def iter_labelled_batches(
+    label_sets: Sequence[LabelSet], batch_size: int = 8
+) -> Iterator[tuple[str, list[Any], np.ndarray, np.ndarray]]:
+    """Every labelled frame, read in batches from its scan (opened once per scan).
+
+    Yields:
+        ``(scan name, frame labels (B), counts (B, H, W) float32 filled, bad pixels (B, H, W) bool)``.
+    """
+    from dipid.io import open_scan
+
+    for labels in label_sets:
+        for scan_name, frame_labels in labels.by_scan().items():
+            with open_scan(labels.scan_path(scan_name)) as scan:
+                for start in range(0, len(frame_labels), batch_size):
+                    chunk = frame_labels[start:start + batch_size]
+                    counts, bad = scan.read_frames([fl.frame for fl in chunk])
+                    yield scan_name, chunk, counts, bad
 
 
 def merge_views(views: Sequence[Instances], *, iou_threshold: float = 0.5, min_votes: int | None = None) -> Instances:
@@ -175,7 +202,6 @@ def evaluate(
         models: subset of tlm/ssl/joint/classical (default: all the predictor can run).
         tta: also predict the flipped and rotated views and merge them (:func:`merge_views`).
     """
-    from dipid.io import open_scan
     from dipid.metrics import evaluate_frames
 
     label_sets = [data] if isinstance(data, LabelSet) else (
@@ -195,27 +221,22 @@ def evaluate(
     seconds: dict[str, float] = {m: 0.0 for m in models}
     total = sum(len(ls) for ls in label_sets)
     with tqdm(total=total, desc="evaluate", unit="frame", disable=not progress) as bar:
-        for labels in label_sets:
-            for scan_name, frame_labels in labels.by_scan().items():
-                with open_scan(labels.scan_path(scan_name)) as scan:
-                    for start in range(0, len(frame_labels), batch_size):
-                        chunk = frame_labels[start:start + batch_size]
-                        counts, bad = scan.read_frames([fl.frame for fl in chunk])
-                        per_view = []
-                        for forward, inverse in views:
-                            results = predictor.predict_frames(
-                                np.ascontiguousarray(forward(counts)), bad_pixels=forward(bad), **use, keep_probability=False)
-                            per_view.append([(r, inverse) for r in results])
-                        for k, fl in enumerate(chunk):
-                            gt.append(fl.masks())
-                            valid.append(~bad[k])
-                            scan_of.append(scan_name)
-                            for m in models:
-                                view_sets = [_unview(r.instances(m), inv) for r, inv in (pv[k] for pv in per_view)]
-                                inst = view_sets[0] if len(view_sets) == 1 else merge_views(view_sets)
-                                preds[m].append((inst.masks, inst.scores))
-                                seconds[m] += sum(model_seconds(pv[k][0].timings, m) for pv in per_view)
-                        bar.update(len(chunk))
+        for scan_name, chunk, counts, bad in iter_labelled_batches(label_sets, batch_size):
+            per_view = []
+            for forward, inverse in views:
+                results = predictor.predict_frames(
+                    np.ascontiguousarray(forward(counts)), bad_pixels=forward(bad), **use, keep_probability=False)
+                per_view.append([(r, inverse) for r in results])
+            for k, fl in enumerate(chunk):
+                gt.append(fl.masks())
+                valid.append(~bad[k])
+                scan_of.append(scan_name)
+                for m in models:
+                    view_sets = [_unview(r.instances(m), inv) for r, inv in (pv[k] for pv in per_view)]
+                    inst = view_sets[0] if len(view_sets) == 1 else merge_views(view_sets)
+                    preds[m].append((inst.masks, inst.scores))
+                    seconds[m] += sum(model_seconds(pv[k][0].timings, m) for pv in per_view)
+            bar.update(len(chunk))
 
     summary: dict[str, dict[str, float]] = {}
     per_scan: dict[str, dict[str, dict[str, float]]] = {}

@@ -227,7 +227,9 @@ def fuse_instances(
     ssl_scores: np.ndarray,
     *,
     match_iou: float = 0.1,
+    tlm_min_score: float = 0.0,
     ssl_min_score: float = 0.5,
+    ssl_min_area: int = 0,
     add_unmatched_ssl: bool = True,
     refine_with_ssl: bool = False,
     refine_margin: int = 2,
@@ -239,16 +241,24 @@ def fuse_instances(
 
     1. An SSLM component *confirms* a TLM instance when their mask IoU is >= ``match_iou`` or
        at least half of the component lies inside the instance.
-    2. Every TLM instance is kept with its mask. A confirmed one gets the score
-       ``1 - (1 - s_tlm)(1 - s_ssl)`` (``s_ssl`` the best confirming component's score), i.e.
-       the chance that at least one of two independent detectors is right, and source 3.
+    2. A confirmed TLM instance is kept with its mask, the score ``1 - (1 - s_tlm)(1 - s_ssl)``
+       (``s_ssl`` the best confirming component's score), i.e. the chance that at least one of
+       two independent detectors is right, and source 3. An unconfirmed one is kept (source 1)
+       when its score is >= ``tlm_min_score`` (0: always; above 1: never, the SSLM must agree).
     3. With ``refine_with_ssl``, a confirmed instance's mask becomes the union of its confirming
        components cut to the instance dilated by ``refine_margin`` pixels: clustering draws
        pixel-exact edges where the TLM's 28 x 28 mask head is coarse, and the cut keeps two
        instances that share one component apart. If the cut is empty the TLM mask stays.
     4. With ``add_unmatched_ssl``, components that confirm no instance are added as instances
-       of their own (source 2) when their score is >= ``ssl_min_score``: peaks the TLM missed.
+       of their own (source 2) when their score is >= ``ssl_min_score`` and their area is >=
+       ``ssl_min_area`` pixels: peaks the TLM missed (small lone components are mostly noise).
     5. Mask NMS at ``nms_iou`` (see :func:`mask_nms`) removes duplicates.
+
+    The two ``*_min_score`` thresholds say how far each model is trusted alone. Which values make
+    ``joint`` at least as good as the better single model depends on the two models' quality, so
+    they are chosen on validation scans for a pair of checkpoints (``benchmarks/fusion.py``) and
+    travel with them (``settings.json`` beside the weights, read by
+    :meth:`dipid.JointPredictor.from_pretrained`).
 
     Args:
         tlm_masks: (N, H, W) bool; tlm_scores: (N,) float in [0, 1].
@@ -287,8 +297,10 @@ def fuse_instances(
             if refined.any():
                 masks[i] = refined
 
+    kept_tlm = confirmed | (tlm_scores >= tlm_min_score)
+    masks, scores, sources = masks[kept_tlm], scores[kept_tlm], sources[kept_tlm]
     if add_unmatched_ssl:
-        new = np.flatnonzero(~confirms.any(axis=0) & (ssl_scores >= ssl_min_score))
+        new = np.flatnonzero(~confirms.any(axis=0) & (ssl_scores >= ssl_min_score) & (ssl_area >= ssl_min_area))
         if new.size:
             masks = np.concatenate([masks, ssl_masks[new]])
             scores = np.concatenate([scores, ssl_scores[new].astype(np.float64)])

@@ -31,6 +31,8 @@ __all__ = [
     "PredictorSettings",
     "DEFAULT_WEIGHTS_DIR",
     "WEIGHT_FILES",
+    "SETTINGS_FILE",
+    "read_settings",
     "resolve_device",
     "ImageResult",
     "ScanResult",
@@ -43,6 +45,9 @@ DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 WEIGHT_FILES = {"tlm": "tlm.safetensors", "sslm": "sslm.safetensors"}
 #: File of sha256 sums ("<hex>  <file name>" lines) beside shipped weights.
 SHA256_FILE = "SHA256SUMS"
+#: Optional JSON object of :class:`PredictorSettings` fields tuned for the checkpoints beside it
+#: (e.g. the fusion thresholds ``benchmarks/fusion.py`` chooses on validation scans).
+SETTINGS_FILE = "settings.json"
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -65,11 +70,22 @@ class PredictorSettings:
         min_area: smallest instance kept, pixels.
         nms_iou: mask IoU above which the lower-scored of two instances is dropped (when NMS is on).
         fusion_match_iou: IoU at which an SSLM component confirms a TLM instance.
+        fusion_tlm_min_score: TLM score an instance no SSLM component confirms needs to stay in
+            `joint` (0: every TLM instance stays).
         fusion_ssl_min_score: mean SSLM probability an unconfirmed SSLM component needs to join `joint`.
+        fusion_ssl_min_area: pixels an unconfirmed SSLM component needs to join `joint`.
         fusion_add_unmatched_ssl: whether SSLM-only components join `joint` at all.
+        fusion_refine_with_ssl: whether a confirmed TLM instance takes the pixel edges of its
+            confirming SSLM components (see :func:`dipid.postprocess.fuse_instances`).
+        fusion_refine_margin: pixels around a TLM instance its refined mask may reach.
         tile_size: frames with a side longer than this are predicted in overlapping tiles (pixels).
         tile_overlap: pixels shared by neighbouring tiles; peaks smaller than this are never cut.
         amp: on CUDA, run the networks under bf16 autocast (float32 on the CPU regardless).
+        optimize: run inference copies of the models with BatchNorm folded into the convolutions
+            and channels-last weights (:func:`dipid.models.inference.inference_copy`); outputs
+            equal the unoptimised models' to float rounding. False: plain eval-mode copies.
+        proposals: RPN proposals per frame that reach the TLM's box head (None: the model's own
+            ``rpn_post_nms_top_n_test``). The box head's cost grows with it.
     """
 
     threshold: float = 0.4
@@ -78,11 +94,17 @@ class PredictorSettings:
     min_area: int = 4
     nms_iou: float = 0.5
     fusion_match_iou: float = 0.1
+    fusion_tlm_min_score: float = 0.0
     fusion_ssl_min_score: float = 0.5
+    fusion_ssl_min_area: int = 0
     fusion_add_unmatched_ssl: bool = True
+    fusion_refine_with_ssl: bool = False
+    fusion_refine_margin: int = 2
     tile_size: int = 512
     tile_overlap: int = 64
     amp: bool = True
+    optimize: bool = True
+    proposals: int | None = None
 
 
 class JointPredictor:
@@ -108,14 +130,20 @@ class JointPredictor:
         self.device = resolve_device(device)
         base = settings or PredictorSettings()
         self.settings = PredictorSettings(**{**asdict(base), "threshold": threshold if settings is None else base.threshold})
-        self.tlm = tlm.to(self.device).eval() if tlm is not None else None
-        if self.tlm is not None:
+        # The models given stay as they are (they may still be trained or saved); the predictor
+        # runs its own eval-mode copies on its device (see PredictorSettings.optimize).
+        self.tlm = tlm
+        self.sslm = sslm
+        self._tlm_run = self._inference_model(tlm)
+        self._sslm_run = self._inference_model(sslm)
+        if self._tlm_run is not None:
             # Detections under the confidence threshold are dropped anyway: dropping them inside the
             # network spares the mask head (the costliest part per detection) from computing them.
             # Outputs are unchanged: box NMS only ever suppresses a box with a higher-scored one.
-            heads = self.tlm.net.roi_heads
+            heads = self._tlm_run.net.roi_heads
             heads.score_thresh = max(float(heads.score_thresh), self.settings.threshold)
-        self.sslm = sslm.to(self.device).eval() if sslm is not None else None
+            if self.settings.proposals is not None:
+                self._tlm_run.net.rpn._post_nms_top_n["testing"] = int(self.settings.proposals)
         self.classical = classical if classical is not None else ClassicalFinder()
         self.weights_info = dict(weights_info or {})
 
@@ -128,8 +156,12 @@ class JointPredictor:
         and/or ``sslm.safetensors`` (or a training run folder with ``best.safetensors``); or one
         checkpoint file. Shipped weights are checked against ``weights/SHA256SUMS``.
 
+        A ``settings.json`` in the folder (settings tuned for these checkpoints) is the starting
+        point of the predictor's settings unless ``settings=`` is given; ``threshold=`` still wins.
+
         Raises:
             WeightsNotFoundError: nothing loadable there; the message says how to get weights.
+            DipidError: ``settings.json`` is not a JSON object of known settings.
         """
         from dipid.models import load_checkpoint, sha256_file
 
@@ -162,7 +194,22 @@ class JointPredictor:
             model = load_checkpoint(file, device="cpu")
             models[model.name] = model
             info[model.name] = {"path": str(file), "sha256": digest}
+        settings_path = folder / SETTINGS_FILE if folder.is_dir() else None
+        if settings_path is not None and settings_path.is_file() and kwargs.get("settings") is None:
+            tuned = read_settings(settings_path)
+            if "threshold" in kwargs:
+                tuned["threshold"] = float(kwargs.pop("threshold"))
+            kwargs["settings"] = PredictorSettings(**tuned)
+            info["settings"] = {"path": str(settings_path), **tuned}
         return cls(tlm=models.get("tlm"), sslm=models.get("sslm"), device=device, weights_info=info, **kwargs)
+
+    def _inference_model(self, model: torch.nn.Module | None) -> torch.nn.Module | None:
+        from dipid.models.inference import inference_copy
+
+        if model is None:
+            return None
+        optimize = self.settings.optimize
+        return inference_copy(model, device=self.device, fold_norms=optimize, channels_last=optimize)
 
     @property
     def available_models(self) -> tuple[str, ...]:
@@ -201,8 +248,8 @@ class JointPredictor:
         """
         from dipid.models.normalize import normalize_counts
 
-        use_tlm = use_tlm and self.tlm is not None
-        use_ssl = use_ssl and self.sslm is not None
+        use_tlm = use_tlm and self._tlm_run is not None
+        use_ssl = use_ssl and self._sslm_run is not None
         counts_t = torch.as_tensor(np.asarray(counts, dtype=np.float32) if not isinstance(counts, torch.Tensor) else counts)
         if counts_t.ndim == 2:
             counts_t = counts_t[None]
@@ -306,7 +353,7 @@ class JointPredictor:
         from dipid.postprocess import mask_nms
 
         s = self.settings
-        outputs = self.tlm(x)
+        outputs = self._tlm_run(x)
         results = []
         for out in outputs:
             keep = out["scores"] >= s.threshold
@@ -321,15 +368,17 @@ class JointPredictor:
     def _run_ssl(self, x: torch.Tensor, *, keep_probability: bool) -> list[SSLOutput]:
         from dipid.postprocess import connected_instances
 
-        if getattr(self.sslm.config, "channel_roles", None) is None:
+        sslm = self._sslm_run
+        if getattr(sslm.config, "channel_roles", None) is None:
             from dipid.models.sslm import assign_channels
 
             logger.warning(
                 "SSLM channels are not assigned to peak/background yet (untrained model): assigning them "
                 "from this batch's statistics. Train with `dipid train sslm` to store an assignment."
             )
-            self.sslm.config.channel_roles = assign_channels(self.sslm, x)
-        probability = self.sslm.peak_probability(x).float()
+            sslm.config.channel_roles = assign_channels(sslm, x)
+            self.sslm.config.channel_roles = list(sslm.config.channel_roles)
+        probability = sslm.peak_probability(x).float()
         masks = (probability >= self.settings.ssl_threshold).cpu().numpy()
         probability_np = probability.cpu().numpy()
         outputs = []
@@ -362,8 +411,10 @@ class JointPredictor:
         if tlm is not None and ssl is not None:
             masks, scores, sources = fuse_instances(
                 tlm.masks, tlm.scores, ssl.instances.masks, ssl.instances.scores,
-                match_iou=s.fusion_match_iou, ssl_min_score=s.fusion_ssl_min_score,
-                add_unmatched_ssl=s.fusion_add_unmatched_ssl, nms_iou=s.nms_iou,
+                match_iou=s.fusion_match_iou, tlm_min_score=s.fusion_tlm_min_score,
+                ssl_min_score=s.fusion_ssl_min_score, ssl_min_area=s.fusion_ssl_min_area,
+                add_unmatched_ssl=s.fusion_add_unmatched_ssl, refine_with_ssl=s.fusion_refine_with_ssl,
+                refine_margin=s.fusion_refine_margin, nms_iou=s.nms_iou,
             )
             return Instances.from_masks(masks, scores, sources)
         single = tlm if tlm is not None else (ssl.instances if ssl is not None else classical)
@@ -501,6 +552,29 @@ def _prefetch(iterator: Iterator, depth: int = 2) -> Iterator:
             raise item
         yield item
     thread.join()
+
+
+def read_settings(path: str | Path) -> dict[str, Any]:
+    """The :class:`PredictorSettings` fields in a JSON file (an object of name: value).
+
+    Raises:
+        DipidError: not a JSON object, or a name that is not a setting (the valid ones listed).
+    """
+    import json
+    from dataclasses import fields
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DipidError(f"{path}: cannot be read as JSON ({exc}); fix or delete the file.") from exc
+    valid = {f.name: f.type for f in fields(PredictorSettings)}
+    if not isinstance(data, dict):
+        raise DipidError(f"{path}: must hold a JSON object of predictor settings, not {type(data).__name__}.")
+    unknown = sorted(set(data) - set(valid))
+    if unknown:
+        raise DipidError(f"{path}: unknown predictor setting(s) {', '.join(unknown)}; valid: {', '.join(valid)}.")
+    return dict(data)
 
 
 def _read_sha256sums(path: Path) -> dict[str, str]:

@@ -184,10 +184,27 @@ def test_fuse_instances_knobs():
     np.testing.assert_array_equal(sources, [3, 3])
     _, scores, sources = fuse_instances(tm, ts, sm, ss, ssl_min_score=0.2)
     np.testing.assert_allclose(scores, [0.9, 0.76, 0.7, 0.3], rtol=1e-6)
+    # s1 (25 px) is added, s2 (25 px, 0.3) too at score 0.2, neither with a 26-px minimum area
+    _, scores, _ = fuse_instances(tm, ts, sm, ss, ssl_min_score=0.2, ssl_min_area=26)
+    np.testing.assert_allclose(scores, [0.9, 0.76], rtol=1e-6)
     # with a stricter match IoU s0 no longer confirms t0 (IoU 0.29, and only 16 of its 36 px inside)
     _, scores, sources = fuse_instances(tm, ts, sm, ss, match_iou=0.6, ssl_min_score=0.6)
     np.testing.assert_allclose(scores, [0.8, 0.76, 0.7], rtol=1e-6)
     np.testing.assert_array_equal(sources, [SOURCE_TLM, 3, SOURCE_SSL])
+
+
+def test_fuse_instances_tlm_min_score_drops_unconfirmed_tlm_instances():
+    (tm, ts), (sm, ss) = _fusion_case()
+    strict = dict(match_iou=0.6, ssl_min_score=0.6)  # s0 no longer confirms t0 (0.8)
+    masks, scores, sources = fuse_instances(tm, ts, sm, ss, tlm_min_score=0.9, **strict)
+    np.testing.assert_allclose(scores, [0.76, 0.7], rtol=1e-6)  # t0 dropped, t1 (confirmed) stays
+    np.testing.assert_array_equal(sources, [3, SOURCE_SSL])
+    np.testing.assert_array_equal(masks[0], tm[1])
+    _, scores, _ = fuse_instances(tm, ts, sm, ss, tlm_min_score=0.8, **strict)  # >= keeps it
+    np.testing.assert_allclose(scores, [0.8, 0.76, 0.7], rtol=1e-6)
+    # above 1: only instances the SSLM agrees with; confirmed ones never depend on it
+    _, scores, sources = fuse_instances(tm, ts, sm, ss, tlm_min_score=1.01)
+    np.testing.assert_allclose(scores, [0.9, 0.76, 0.7], rtol=1e-6)
 
 
 def test_fuse_instances_refine_uses_ssl_edges_near_the_instance():

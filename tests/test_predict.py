@@ -117,6 +117,31 @@ def test_from_pretrained_missing_and_roundtrip(tmp_path):
         JointPredictor.from_pretrained(tmp_path)
 
 
+def test_from_pretrained_reads_tuned_settings(tmp_path):
+    import json
+
+    from dipid.errors import DipidError
+
+    sslm = build_sslm(channels=8)
+    sslm.config.channel_roles = [0] * 7 + [2]
+    save_checkpoint(sslm, tmp_path / "sslm.safetensors")
+    (tmp_path / "settings.json").write_text(json.dumps({"fusion_tlm_min_score": 0.9, "threshold": 0.6}))
+    loaded = JointPredictor.from_pretrained(tmp_path, device="cpu")
+    assert loaded.settings.fusion_tlm_min_score == 0.9 and loaded.settings.threshold == 0.6
+    assert loaded.weights_info["settings"]["path"].endswith("settings.json")
+    # an explicit threshold still wins, the rest of the tuned settings stay
+    mine = JointPredictor.from_pretrained(tmp_path, device="cpu", threshold=0.3)
+    assert mine.settings.threshold == 0.3 and mine.settings.fusion_tlm_min_score == 0.9
+    # explicit settings replace the file's
+    assert JointPredictor.from_pretrained(tmp_path, settings=PredictorSettings()).settings == PredictorSettings()
+    (tmp_path / "settings.json").write_text(json.dumps({"fusion_tlm_min": 0.9}))
+    with pytest.raises(DipidError, match=r"settings.json: unknown predictor setting\(s\) fusion_tlm_min; valid: .*fusion_tlm_min_score"):
+        JointPredictor.from_pretrained(tmp_path)
+    (tmp_path / "settings.json").write_text("[1, 2]")
+    with pytest.raises(DipidError, match="JSON object"):
+        JointPredictor.from_pretrained(tmp_path)
+
+
 def test_large_frame_tiles_merge_peaks_on_borders():
     """An Eiger-sized frame is tiled; peaks sitting on tile borders come back whole, once."""
     from dipid.tiling import tile_grid

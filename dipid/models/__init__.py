@@ -5,7 +5,8 @@
 
 Both take (B, 1, H, W) float32 frames normalised by :func:`normalize_counts`; checkpoints are
 safetensors files that carry the model's configuration (:func:`save_checkpoint`,
-:func:`load_checkpoint`).
+:func:`load_checkpoint`). :func:`dipid.models.inference.inference_copy` makes the faster
+eval-only copies the JointPredictor runs (BatchNorm folded, channels-last weights).
 """
 
 from __future__ import annotations
