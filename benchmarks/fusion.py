@@ -21,7 +21,7 @@ import logging
 import os
 import platform
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -65,13 +65,14 @@ def score(cache: dict, preds: list) -> dict[str, float]:
     return evaluate_frames(cache["gt"], [(p.masks, p.scores) for p in preds], valid=cache["valid"])
 
 
-def fuse_all(cache: dict, **rule) -> list:
+def fuse_all(cache: dict, settings) -> list:
     from dipid.postprocess import fuse_instances
     from dipid.results import Instances
 
     out = []
     for tlm, ssl in zip(cache["tlm"], cache["ssl"]):
-        masks, scores, sources = fuse_instances(tlm.masks, tlm.scores, ssl.masks, ssl.scores, **rule)
+        masks, scores, sources = fuse_instances(tlm.masks, tlm.scores, ssl.masks, ssl.scores,
+                                                **settings.fusion_options())
         out.append(Instances.from_masks(masks, scores, sources))
     return out
 
@@ -106,19 +107,19 @@ def main() -> int:
     }
     caches = {name: run_models(predictor, files, args.batch_size) for name, files in sets.items()}
 
-    rules = {"default": _rule(defaults)}
+    rules = {"default": defaults}
     for tlm_min, (ssl_min, ssl_area), margin in itertools.product(TLM_MIN_SCORES, SSL_MINIMA, REFINE_MARGINS):
         ssl_rule = f"{ssl_min},{ssl_area}px" if ssl_min <= 1 else "never"
         name = f"tlm>={tlm_min if tlm_min <= 1 else 'never'} ssl>={ssl_rule} refine={'no' if margin is None else margin}"
-        rules[name] = _rule(replace(defaults, fusion_tlm_min_score=tlm_min, fusion_ssl_min_score=min(ssl_min, 1.0),
-                                    fusion_ssl_min_area=ssl_area, fusion_add_unmatched_ssl=ssl_min <= 1,
-                                    fusion_refine_with_ssl=margin is not None, fusion_refine_margin=margin or 0))
+        rules[name] = replace(defaults, fusion_tlm_min_score=tlm_min, fusion_ssl_min_score=min(ssl_min, 1.0),
+                              fusion_ssl_min_area=ssl_area, fusion_add_unmatched_ssl=ssl_min <= 1,
+                              fusion_refine_with_ssl=margin is not None, fusion_refine_margin=margin or 0)
 
     table: dict[str, dict[str, dict[str, float]]] = {}
     for set_name, cache in caches.items():
         table[set_name] = {"tlm": score(cache, cache["tlm"]), "ssl": score(cache, cache["ssl"])}
         for rule_name, rule in rules.items():
-            table[set_name][f"joint {rule_name}"] = score(cache, fuse_all(cache, **rule))
+            table[set_name][f"joint {rule_name}"] = score(cache, fuse_all(cache, rule))
 
     def acceptable(set_name: str, row: dict[str, float]) -> bool:
         best = {m: max(table[set_name]["tlm"][m], table[set_name]["ssl"][m]) for m in ("mean_iou", "f1")}
@@ -148,23 +149,11 @@ def main() -> int:
         from dipid.io.coco import atomic_write_text
         from dipid.predict import SETTINGS_FILE
 
-        rule = rules[chosen.removeprefix("joint ")]
-        tuned = {"fusion_tlm_min_score": rule["tlm_min_score"], "fusion_ssl_min_score": rule["ssl_min_score"],
-                 "fusion_ssl_min_area": rule["ssl_min_area"],
-                 "fusion_add_unmatched_ssl": rule["add_unmatched_ssl"], "fusion_refine_with_ssl": rule["refine_with_ssl"],
-                 "fusion_refine_margin": rule["refine_margin"]}
+        rule = asdict(rules[chosen.removeprefix("joint ")])
+        tuned = {name: value for name, value in rule.items() if name.startswith("fusion_")}
         path = atomic_write_text(Path(args.weights) / SETTINGS_FILE, json.dumps(tuned, indent=2) + "\n")
         print(f"wrote {path}")
     return 0
-
-
-def _rule(settings) -> dict:
-    """fuse_instances keyword arguments of a PredictorSettings."""
-    return dict(match_iou=settings.fusion_match_iou, tlm_min_score=settings.fusion_tlm_min_score,
-                ssl_min_score=settings.fusion_ssl_min_score, ssl_min_area=settings.fusion_ssl_min_area,
-                add_unmatched_ssl=settings.fusion_add_unmatched_ssl,
-                refine_with_ssl=settings.fusion_refine_with_ssl, refine_margin=settings.fusion_refine_margin,
-                nms_iou=settings.nms_iou)
 
 
 if __name__ == "__main__":

@@ -106,6 +106,15 @@ class PredictorSettings:
     optimize: bool = True
     proposals: int | None = None
 
+    def fusion_options(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`dipid.postprocess.fuse_instances` these settings give."""
+        return dict(
+            match_iou=self.fusion_match_iou, tlm_min_score=self.fusion_tlm_min_score,
+            ssl_min_score=self.fusion_ssl_min_score, ssl_min_area=self.fusion_ssl_min_area,
+            add_unmatched_ssl=self.fusion_add_unmatched_ssl, refine_with_ssl=self.fusion_refine_with_ssl,
+            refine_margin=self.fusion_refine_margin, nms_iou=self.nms_iou,
+        )
+
 
 class JointPredictor:
     """Runs the TLM (Mask R-CNN) and the SSLM on detector frames and fuses their peaks.
@@ -410,12 +419,7 @@ class JointPredictor:
         s = self.settings
         if tlm is not None and ssl is not None:
             masks, scores, sources = fuse_instances(
-                tlm.masks, tlm.scores, ssl.instances.masks, ssl.instances.scores,
-                match_iou=s.fusion_match_iou, tlm_min_score=s.fusion_tlm_min_score,
-                ssl_min_score=s.fusion_ssl_min_score, ssl_min_area=s.fusion_ssl_min_area,
-                add_unmatched_ssl=s.fusion_add_unmatched_ssl, refine_with_ssl=s.fusion_refine_with_ssl,
-                refine_margin=s.fusion_refine_margin, nms_iou=s.nms_iou,
-            )
+                tlm.masks, tlm.scores, ssl.instances.masks, ssl.instances.scores, **s.fusion_options())
             return Instances.from_masks(masks, scores, sources)
         single = tlm if tlm is not None else (ssl.instances if ssl is not None else classical)
         if single is None:
