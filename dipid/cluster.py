@@ -9,7 +9,8 @@ back. Beamline HPC users start a cluster with dask-jobqueue on SLURM and pass it
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from dipid.errors import DipidError
@@ -17,6 +18,30 @@ from dipid.errors import DipidError
 logger = logging.getLogger(__name__)
 
 __all__ = ["run_on_dask"]
+
+#: Loggers of Dask itself: their INFO lines (scheduler and nanny start-up, every connection) are
+#: noise to a dipid user, so they are shown from WARNING up unless dipid logs at DEBUG (``--verbose``).
+DASK_LOGGERS = ("distributed", "dask")
+
+
+def dask_log_level() -> int:
+    """The level Dask's loggers should use: INFO when dipid logs debug messages (``dipid -v``), else WARNING."""
+    return logging.INFO if logging.getLogger("dipid").isEnabledFor(logging.DEBUG) else logging.WARNING
+
+
+@contextmanager
+def _dask_logging(level: int) -> Iterator[None]:
+    """Set Dask's loggers in this process to ``level`` (importing distributed resets "distributed" to
+    INFO), restoring their levels on exit. Worker processes get the level from ``silence_logs``."""
+    loggers = [logging.getLogger(name) for name in DASK_LOGGERS]
+    old = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(level)
+    try:
+        yield
+    finally:
+        for lg, lvl in zip(loggers, old):
+            lg.setLevel(lvl)
 
 
 def run_on_dask(
@@ -28,14 +53,28 @@ def run_on_dask(
     scheduler: str | None = None,
     threads_per_worker: int = 1,
     progress: bool = True,
+    log_level: int | None = None,
 ) -> list:
-    """Run ``process_scan`` for every scan on Dask; returns the summaries in input order."""
+    """Run ``process_scan`` for every scan on Dask; returns the summaries in input order.
+
+    ``log_level`` is the level of Dask's own loggers, here and in the LocalCluster's worker
+    processes (default :func:`dask_log_level`: WARNING, or INFO under ``dipid --verbose``).
+    """
     try:
-        from dask.distributed import Client, LocalCluster, as_completed
+        import dask.distributed  # noqa: F401  (importing it sets "distributed" to INFO: set the levels after)
     except ImportError as exc:
         raise DipidError(
             "running on several workers needs dask.distributed: pip install 'dipid[cluster]' (or dask[distributed])"
         ) from exc
+    level = dask_log_level() if log_level is None else int(log_level)
+    with _dask_logging(level):
+        return _run(scans, out_dir, options, workers=workers, scheduler=scheduler,
+                    threads_per_worker=threads_per_worker, progress=progress, log_level=level)
+
+
+def _run(scans, out_dir, options, *, workers: int, scheduler: str | None, threads_per_worker: int, progress: bool,
+         log_level: int) -> list:
+    from dask.distributed import Client, LocalCluster, as_completed
     from tqdm.auto import tqdm
 
     from dipid.pipeline import ScanSummary, process_scan
@@ -46,7 +85,7 @@ def run_on_dask(
     if scheduler is None:
         # Processes, one thread each: torch and h5py work best with one Python process per core.
         cluster = LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
-                               dashboard_address=None)
+                               dashboard_address=None, silence_logs=log_level)
         client = Client(cluster)
     else:
         try:

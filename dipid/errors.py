@@ -3,6 +3,10 @@
 Every error a user can cause (a bad file, a wrong path inside a file, a checkpoint that does not
 match) is one of these, with a message that names the file, the path inside it and what to do.
 The CLI turns them into one line on stderr and a non-zero exit code.
+
+Problems dipid can work around (a few NaN pixels, a scan axis of the wrong length, frames that
+were never written) are :class:`DipidWarning` warnings instead (``warnings.warn``), with messages in
+the same style; the CLI prints each as one line on stderr.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ __all__ = [
     "LinkTargetMissingError",
     "ScanShapeError",
     "EmptyScanError",
+    "NoValidPixelsError",
     "FrameIndexError",
     "MaskFileError",
     "LabelError",
@@ -27,6 +32,11 @@ __all__ = [
     "UnknownNameError",
     "TorchInstallError",
     "TrainingError",
+    "DipidWarning",
+    "ScanWarning",
+    "BadPixelWarning",
+    "ScanAxisWarning",
+    "PartialScanWarning",
 ]
 
 
@@ -79,7 +89,11 @@ class ScanShapeError(ScanError):
 
 
 class EmptyScanError(ScanError):
-    """The detector data holds no frames."""
+    """The detector data holds no frames (none declared, or none ever written)."""
+
+
+class NoValidPixelsError(ScanError):
+    """Every pixel of every frame is bad (NaN, dead/negative or saturated): nothing can be measured."""
 
 
 class FrameIndexError(ScanError, IndexError):
@@ -118,3 +132,42 @@ class TorchInstallError(DipidError, ImportError):
 
 class TrainingError(DipidError):
     """A training run stopped (NaN loss, out of memory); the run folder can be resumed."""
+
+
+# --------------------------------------------------------------------------------- warnings
+
+
+class DipidWarning(UserWarning):
+    """Base class of every warning dipid issues on purpose."""
+
+
+class ScanWarning(DipidWarning):
+    """Something is wrong with a scan that dipid works around; the message says what it did.
+
+    Attributes:
+        file: the file on disk the problem is in.
+        path_in_file: the HDF5 path inside it, when there is one.
+    """
+
+    def __init__(self, message: str, *, file: str | Path | None = None, path_in_file: str | None = None):
+        self.file = None if file is None else Path(file)
+        self.path_in_file = path_in_file
+        where = []
+        if file is not None:
+            where.append(str(file))
+        if path_in_file:
+            where.append(f"[{path_in_file}]")
+        prefix = " ".join(where)
+        super().__init__(f"{prefix}: {message}" if prefix else message)
+
+
+class BadPixelWarning(ScanWarning):
+    """Some pixels are NaN or infinite, or some frames are all zero or have no good pixel."""
+
+
+class ScanAxisWarning(ScanWarning):
+    """The scan axis does not have one value per frame; frame numbers are used instead."""
+
+
+class PartialScanWarning(ScanWarning):
+    """Some of the declared frames were never written (an aborted acquisition)."""

@@ -1,8 +1,11 @@
 """Scan workflow: one scan in, its results file, peak table and viewer out; many scans, locally or on Dask.
 
 For each scan ``<stem>.nxs`` the outputs are ``<stem>_peaks.csv``, ``<stem>_view.html`` and
-``<stem>_dipid.nxs``. The NeXus file is written last (atomically), so its presence marks a
-finished scan: an interrupted run loses nothing that was finished, and the next run skips it.
+``<stem>_dipid.nxs``. Each is written to a temporary name and renamed; the NeXus file is written
+last, so its presence marks a finished scan: an interrupted run loses nothing that was finished,
+and the next run skips it. A scan that fails leaves none of its outputs behind (those written
+before the failure are removed). The scan's warnings (:class:`dipid.errors.ScanWarning`: NaN
+pixels, frames never written, ...) are kept in its :class:`ScanSummary`.
 """
 
 from __future__ import annotations
@@ -69,6 +72,10 @@ class ScanSummary:
     seconds: float = 0.0
     error: str = ""
     outputs: dict[str, str] = field(default_factory=dict)
+    #: the scan's warnings (one line each), also for scans run on Dask workers
+    warnings: list[str] = field(default_factory=list)
+    #: the failure is the input's fault (a dipid error: bad file, nothing measurable), not a bug
+    bad_input: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,18 +115,23 @@ def process_scan(scan_path: str | Path, out_dir: str | Path, options: PredictOpt
         summary.status = "skipped"
         return summary
     started = time.perf_counter()
+    scan = None
+    written: list[Path] = []
     try:
         predictor = load_predictor(options)
-        with open_scan(scan_path) as scan:
+        scan = open_scan(scan_path)
+        with scan:
             use = _model_flags(options.model, predictor)
             result = predictor.predict_scan(scan, batch_size=options.batch_size, **use)
             counts = result.read_counts(scan)
         peaks = scan_peaks(result, counts, model=options.model, min_frames=options.min_frames)
         Path(out_dir).mkdir(parents=True, exist_ok=True)
+        written.append(paths["peaks"])
         peaks.to_csv(paths["peaks"])
         if options.viewer:
             from dipid.viz import view_scan_result
 
+            written.append(paths["viewer"])
             view_scan_result(result, counts, paths["viewer"], peak_table=peaks)
         write_results_nexus(
             paths["nexus"], result, peaks=peaks, peak_labels=peaks.labels, software_version=__version__,
@@ -129,13 +141,18 @@ def process_scan(scan_path: str | Path, out_dir: str | Path, options: PredictOpt
         )
         summary.frames, summary.peaks = len(result), len(peaks)
     except DipidError as exc:
-        summary.status, summary.error = "failed", str(exc)
+        summary.status, summary.error, summary.bad_input = "failed", str(exc), True
     except Exception as exc:  # one broken scan must not stop the others; the log keeps the traceback
         logger.debug("scan %s failed:\n%s", scan_path, traceback.format_exc())
         summary.status, summary.error = "failed", f"{scan_path}: {type(exc).__name__}: {exc}"
+    if scan is not None:
+        summary.warnings = [str(w) for w in scan.warnings]
     summary.seconds = time.perf_counter() - started
     if summary.status == "failed":
-        logger.error("%s", summary.error)
+        for path in written:  # no half set of results: the NeXus file (written last) marks a finished scan
+            path.unlink(missing_ok=True)
+        # in_summary: the CLI prints the summary's error itself, and drops this record
+        logger.error("%s", summary.error, extra={"in_summary": True})
     return summary
 
 

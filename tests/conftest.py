@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-#: Real beamline files, outside the repository (see ../shared/fixtures/README.md).
-FIXTURES_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures"
+#: Real beamline files and labels, kept in the repository (see tests/data/README.md).
+FIXTURES_DIR = Path(__file__).resolve().parent / "data"
 
 
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
-    """Path to ``../shared/fixtures`` (relative to the repository root)."""
+    """Path to ``tests/data`` (real I16 scans and the Zooniverse labels)."""
     return FIXTURES_DIR

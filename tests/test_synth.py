@@ -20,7 +20,7 @@ from dipid.synth import (
 )
 from dipid.synth.rle import window_rle
 
-# Statistics of the 1251 real I16 peak polygons (shared/fixtures/README.md).
+# Statistics of the 1251 real I16 peak polygons (tests/data/README.md).
 REAL_AREA_QUARTILES = (170.0, 770.0, 2430.0)
 REAL_CENTROID_MEDIAN_ROW, REAL_CENTROID_MEDIAN_COL = 101.0, 269.0
 

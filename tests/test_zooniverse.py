@@ -20,7 +20,7 @@ from dipid.io.zooniverse import (
     zooniverse_to_labels,
 )
 
-FIXTURES = Path(__file__).parent.parent.parent / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "data"  # inside the repository (tests/data/README.md)
 CSV = FIXTURES / "dipid_zooniverse_labels.csv"
 H, W = 195, 487
 SCANS = {"794625", "794661", "794663", "794673", "794689", "794710", "794910", "794916"}

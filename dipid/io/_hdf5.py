@@ -252,6 +252,58 @@ def missing_virtual_sources(dataset: h5py.Dataset) -> list[Path]:
     return missing
 
 
+#: Without ``chunk_iter`` (h5py < 3.8 or old HDF5), listing chunks one by one can cost O(n) each.
+_MAX_CHUNKS_LISTED_BY_INDEX = 100_000
+
+
+def frames_with_data(dataset: h5py.Dataset) -> np.ndarray | None:
+    """Which frames of an (n, ...) dataset have storage written, from the chunk index (no data read).
+
+    A dataset can be declared at its full size before the acquisition and then never (or only
+    partly) filled: HDF5 returns the fill value for every frame that was never written, so a
+    scan aborted at frame 12 of 10 000 would otherwise read as 10 000 frames. Compressed chunks
+    are legitimately smaller than their data, so chunked datasets are judged by which chunks
+    exist, never by bytes.
+
+    Returns:
+        (n,) bool, True = the frame has written storage (for chunks spanning several frames, every
+        frame of a written chunk counts as written); or None when every frame has storage, or
+        when the layout cannot tell (compact, virtual, external storage) or the index is unreadable.
+    """
+    try:
+        n = int(dataset.shape[0]) if dataset.ndim else 0
+        if n == 0 or dataset.size == 0 or getattr(dataset, "is_virtual", False) or dataset.external:
+            return None
+        layout = dataset.id.get_create_plist().get_layout()
+        if layout == h5py.h5d.CONTIGUOUS:
+            # contiguous storage is allocated whole at the first write: it only tells "nothing written"
+            return np.zeros(n, bool) if dataset.id.get_storage_size() == 0 else None
+        if layout != h5py.h5d.CHUNKED or dataset.chunks is None:
+            return None
+        chunks = dataset.chunks
+        per_dim = [-(-size // step) for size, step in zip(dataset.shape, chunks)]
+        total = int(np.prod(per_dim, dtype=np.int64))
+        stored = int(dataset.id.get_num_chunks())
+        if stored >= total:
+            return None
+        written = np.zeros(n, bool)
+        if stored == 0:
+            return written
+        firsts: list[int] = []
+        if hasattr(dataset.id, "chunk_iter"):
+            dataset.id.chunk_iter(lambda info: firsts.append(info.chunk_offset[0]))
+        elif stored <= _MAX_CHUNKS_LISTED_BY_INDEX:
+            firsts = [dataset.id.get_chunk_info(i).chunk_offset[0] for i in range(stored)]
+        else:
+            return None
+        for first in set(firsts):
+            written[first : first + chunks[0]] = True
+        return written
+    except (OSError, RuntimeError, ValueError, TypeError, AttributeError):
+        logger.debug("cannot list the written chunks of %s", dataset.name, exc_info=True)
+        return None
+
+
 def walk_links(group: h5py.Group, prefix: str = "") -> list[tuple[str, h5py.HLObject | h5py.ExternalLink]]:
     """Every (path, object) under ``group`` without following external links (listed as links)."""
     out: list[tuple[str, Any]] = []

@@ -461,7 +461,11 @@ def _candidates_text(files: FileSet) -> str:
 # --------------------------------------------------------------------------- axis
 
 
-def _axis_values(f: h5py.File, path: str, n: int | None) -> np.ndarray | None:
+def _axis_values(f: h5py.File, path: str, n: int | None, declared: int | None = None,
+                 mismatched: list[tuple[str, int]] | None = None) -> np.ndarray | None:
+    """The 1D values at ``path`` if there is one per frame (``n``); values for all ``declared``
+    frames of a partly written scan are cut to the ``n`` written. A wrong length is appended to
+    ``mismatched`` as (path, length) and gives None."""
     try:
         obj = f.get(path)
     except (KeyError, OSError, ValueError):
@@ -470,7 +474,11 @@ def _axis_values(f: h5py.File, path: str, n: int | None) -> np.ndarray | None:
     if values is None or values.ndim != 1:
         return None
     if n is not None and len(values) != n:
+        if declared is not None and declared > n and len(values) == declared:
+            return values[:n]
         logger.debug("axis %s has %d values for %d frames; ignored", path, len(values), n)
+        if mismatched is not None:
+            mismatched.append((path, len(values)))
         return None
     return values
 
@@ -482,7 +490,8 @@ def _units(f: h5py.File, path: str) -> str | None:
         return None
 
 
-def _axes_from_nxdata(f: h5py.File, group: str, n: int | None) -> ScanAxis | None:
+def _axes_from_nxdata(f: h5py.File, group: str, n: int | None, declared: int | None = None,
+                      mismatched: list[tuple[str, int]] | None = None) -> ScanAxis | None:
     if not _is_group(f, group):
         return None
     g = f[group]
@@ -490,13 +499,14 @@ def _axes_from_nxdata(f: h5py.File, group: str, n: int | None) -> ScanAxis | Non
     # axes[0] belongs to the frame dimension (the others, if named, are pixel axes).
     ordered = [a for a in axes[:1] if a not in ("", ".")]
     for name in ordered:
-        values = _axis_values(f, _join(group, name), n)
+        values = _axis_values(f, _join(group, name), n, declared, mismatched)
         if values is not None:
             return ScanAxis(name, values, _units(f, _join(group, name)), _join(group, name))
     return None
 
 
-def _primary_in_group(f: h5py.File, group: str, n: int | None) -> ScanAxis | None:
+def _primary_in_group(f: h5py.File, group: str, n: int | None, declared: int | None = None,
+                      mismatched: list[tuple[str, int]] | None = None) -> ScanAxis | None:
     """Old GDA NXdata: the scanned positioner has ``primary="1"`` (and ``axis="1"``)."""
     if not _is_group(f, group):
         return None
@@ -514,26 +524,35 @@ def _primary_in_group(f: h5py.File, group: str, n: int | None) -> ScanAxis | Non
         rank = 0 if primary == "1" else (1 if axis == "1" else None)
         if rank is None or (best is not None and best[0] <= rank):
             continue
-        if _axis_values(f, path, n) is not None:
+        if _axis_values(f, path, n, declared, mismatched if rank == 0 else None) is not None:
             best = (rank, path)
         if rank == 0:
             break
     if best is None or best[0] != 0:
         return None  # "axis" alone marks every positioner; only "primary" says which one moved
     path = best[1]
-    return ScanAxis(_basename(path), _axis_values(f, path, n), _units(f, path), path)  # type: ignore[arg-type]
+    return ScanAxis(_basename(path), _axis_values(f, path, n, declared), _units(f, path), path)  # type: ignore[arg-type]
 
 
-def read_axis(files: FileSet, location: DetectorLocation, n: int | None) -> ScanAxis | None:
+def read_axis(files: FileSet, location: DetectorLocation, n: int | None, *, declared: int | None = None,
+              mismatched: list[tuple[str, int]] | None = None) -> ScanAxis | None:
     """The scan axis, or None when the file names none (the caller falls back to frame numbers).
 
     Order: the detector NXdata ``axes`` attribute; a dataset with ``primary`` in that NXdata; the
     ``axes`` of the entry's measurement / default NXdata.
+
+    Args:
+        n: number of frames; an axis must have one value per frame.
+        declared: frames the detector dataset declares when only ``n`` were written; an axis of
+            that length is cut to ``n``.
+        mismatched: if given, the (path, length) of every named axis skipped for its length is
+            appended, so the caller can say why it fell back to frame numbers.
     """
     f = files.main
     groups = [location.nxdata_group] if location.nxdata_group else []
     for group in groups:
-        axis = _axes_from_nxdata(f, group, n) or _primary_in_group(f, group, n)
+        axis = (_axes_from_nxdata(f, group, n, declared, mismatched)
+                or _primary_in_group(f, group, n, declared, mismatched))
         if axis is not None:
             return axis
     if location.entry and _is_group(f, location.entry):
@@ -542,7 +561,8 @@ def read_axis(files: FileSet, location: DetectorLocation, n: int | None) -> Scan
         if default:
             fallbacks.append(_join(location.entry, default))
         for group in fallbacks:
-            axis = _axes_from_nxdata(f, group, n) or _primary_in_group(f, group, n)
+            axis = (_axes_from_nxdata(f, group, n, declared, mismatched)
+                    or _primary_in_group(f, group, n, declared, mismatched))
             if axis is not None:
                 return axis
     return None

@@ -18,7 +18,8 @@ from collections import OrderedDict
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["bad_pixels", "fill_bad_pixels", "nearest_good_pixel_map", "clear_fill_cache"]
+__all__ = ["bad_pixels", "fill_bad_pixels", "nearest_good_pixel_map", "clear_fill_cache", "frame_health",
+           "bad_pixel_causes"]
 
 # Maps are small (two int arrays as long as the number of bad pixels) but a mask can be huge;
 # bound the memo by both the number of masks and the bytes held.
@@ -54,6 +55,44 @@ def bad_pixels(
     if static_mask is not None:
         bad |= np.asarray(static_mask, dtype=bool)
     return bad
+
+
+def frame_health(raw: np.ndarray, bad: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-frame facts a scan's warnings are made of (a few cheap passes over the batch).
+
+    Args:
+        raw: (b, H, W) counts as stored.
+        bad: (b, H, W) bool bad pixels of ``raw`` (see :func:`bad_pixels`).
+
+    Returns:
+        ``(non_finite, all_zero, no_good)``: (b,) int64 NaN/inf pixels per frame (0 for integer
+        data), (b,) bool frames whose every pixel is 0, (b,) bool frames with no good pixel.
+    """
+    raw = np.asarray(raw)
+    b = raw.shape[0]
+    flat = raw.reshape(b, -1)
+    if raw.dtype.kind == "f":
+        non_finite = np.count_nonzero(~np.isfinite(flat), axis=1).astype(np.int64)
+    else:
+        non_finite = np.zeros(b, np.int64)
+    all_zero = ~flat.any(axis=1)  # NaN counts as nonzero, so an all-NaN frame is not "all zero"
+    no_good = np.asarray(bad).reshape(b, -1).all(axis=1)
+    return non_finite, all_zero, no_good
+
+
+def bad_pixel_causes(raw: np.ndarray, saturation_value: float | None) -> dict[str, int]:
+    """Why the pixels of a frame with no good pixel are bad: counts of ``non_finite``, ``negative`` and
+    ``saturated`` pixels (each pixel counted once, in that order of precedence) and ``other`` (the
+    rest, which can only be bad through a mask)."""
+    raw = np.asarray(raw)
+    non_finite = ~np.isfinite(raw) if raw.dtype.kind == "f" else np.zeros(raw.shape, bool)
+    with np.errstate(invalid="ignore"):
+        negative = (raw < 0) & ~non_finite
+        saturated = ((raw >= saturation_value) & ~non_finite & ~negative if saturation_value is not None
+                     else np.zeros(raw.shape, bool))
+    counts = {"non_finite": int(non_finite.sum()), "negative": int(negative.sum()), "saturated": int(saturated.sum())}
+    counts["other"] = int(raw.size) - sum(counts.values())
+    return counts
 
 
 def _mask_key(bad: np.ndarray) -> tuple:

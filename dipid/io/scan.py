@@ -10,12 +10,21 @@ its nearest good neighbour, and so, by default, is every saturated pixel (its cl
 not a measurement; the nearest unsaturated neighbours of a saturated core are themselves bright,
 so the peak keeps its shape). ``open_scan(..., fill_saturated=False)`` keeps the stored value of
 saturated pixels instead. They are flagged in ``FrameBatch.bad_pixels`` either way.
+
+Degenerate scans are caught without an extra pass over the data: a detector dataset declared at
+its full size whose frames were never written (an aborted acquisition) is found from its chunk
+index when the scan is opened (nothing written: :class:`EmptyScanError`; the first frames only:
+the scan is cut to them, with a :class:`PartialScanWarning`). What the frames hold (NaN/inf
+pixels, frames all zero or with no good pixel) is tallied as they are read, and
+:meth:`Scan.check_frames` turns the tally into :class:`BadPixelWarning` warnings, or into
+:class:`NoValidPixelsError` when no pixel of any frame holds a measurement.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,15 +34,20 @@ import h5py
 import numpy as np
 
 from dipid.errors import (
+    BadPixelWarning,
     CorruptFileError,
     DetectorDataNotFoundError,
     EmptyScanError,
     FrameIndexError,
     LinkTargetMissingError,
+    NoValidPixelsError,
+    PartialScanWarning,
+    ScanAxisWarning,
     ScanError,
     ScanShapeError,
+    ScanWarning,
 )
-from dipid.io._hdf5 import FileSet, MissingTarget, missing_virtual_sources, open_h5, resolve
+from dipid.io._hdf5 import FileSet, MissingTarget, frames_with_data, missing_virtual_sources, open_h5, resolve
 from dipid.io.mask import check_mask_shape, read_mask
 from dipid.io.nexus import (
     DetectorLocation,
@@ -45,7 +59,7 @@ from dipid.io.nexus import (
     read_metadata,
     tiff_names,
 )
-from dipid.io.pixels import bad_pixels, fill_bad_pixels
+from dipid.io.pixels import bad_pixel_causes, bad_pixels, fill_bad_pixels, frame_health
 
 logger = logging.getLogger(__name__)
 
@@ -79,11 +93,21 @@ class FrameBatch:
 
 
 class _HDF5Frames:
-    """Frames in one (n, H, W) HDF5 dataset; each read is one slice."""
+    """Frames in one (n, H, W) HDF5 dataset; each read is one slice.
+
+    ``declared_shape`` is the dataset's shape; ``shape`` stops after the last frame with written
+    storage (``written``: (n,) bool per declared frame, None = all written), so an acquisition
+    aborted early is read as the frames it wrote, not as thousands of fill-value frames.
+    """
 
     def __init__(self, dataset: h5py.Dataset, *, scan_file: Path, path_in_scan: str):
         self.dataset = dataset
-        self.shape: tuple[int, int, int] = tuple(dataset.shape)  # type: ignore[assignment]
+        self.declared_shape: tuple[int, ...] = tuple(dataset.shape)
+        self.shape: tuple[int, int, int] = self.declared_shape  # type: ignore[assignment]
+        self.written: np.ndarray | None = frames_with_data(dataset) if dataset.ndim == 3 else None
+        if self.written is not None and self.written.any():
+            last = int(np.flatnonzero(self.written)[-1]) + 1
+            self.shape = (last, *self.declared_shape[1:])  # type: ignore[assignment]
         self.dtype = dataset.dtype
         self.scan_file = scan_file
         self.path_in_scan = path_in_scan
@@ -225,6 +249,9 @@ class Scan:
 
     Attributes:
         path: the scan file.
+        warnings: the :class:`ScanWarning` warnings issued about this scan so far (each also
+            given to ``warnings.warn`` once): frames never written, a scan axis of the wrong
+            length, and, from :meth:`check_frames`, NaN pixels and empty frames.
     """
 
     def __init__(
@@ -244,6 +271,8 @@ class Scan:
         self._location: DetectorLocation | None = None
         self._reset_handles()
         self._user_mask: np.ndarray | None = None
+        self.warnings: list[ScanWarning] = []
+        self._tally: _FrameTally | None = None
         self._open()
         if mask is not None:
             try:
@@ -318,6 +347,8 @@ class Scan:
         if shape[0] == 0:
             self.close()
             raise EmptyScanError("the scan holds 0 frames (aborted before the first point?)", **where)
+        if isinstance(self._source, _HDF5Frames) and self._source.written is not None:
+            self._check_written(self._source)
         if self._user_mask is not None:
             try:
                 check_mask_shape(self._user_mask, shape[1:],
@@ -325,6 +356,52 @@ class Scan:
             except Exception:
                 self.close()
                 raise
+
+    def _check_written(self, source: _HDF5Frames) -> None:
+        """Stop on a dataset none of whose frames was written; warn about one partly written."""
+        written = source.written
+        assert written is not None
+        declared = len(written)
+        where = self._where()
+        stored_in = self._stored_in()
+        geometry = "x".join(map(str, source.declared_shape[1:]))
+        if not written.any():
+            self.close()
+            raise EmptyScanError(
+                f"the detector data is declared as {declared} frames of {geometry} {source.dtype} but no frame "
+                f"was ever written{stored_in} (an aborted acquisition?): every frame would read as the fill "
+                "value; nothing to process. Use the scan file of a completed acquisition", **where,
+            )
+        n = source.shape[0]
+        count = int(written.sum())
+        missing = np.flatnonzero(~written[:n])
+        parts = [f"only {count} of the {declared} declared frames were written{stored_in} (an aborted acquisition?)"]
+        if n < declared:
+            parts.append(f"reading frames 0..{n - 1} and leaving out the {declared - n} after them, never written")
+        if missing.size:
+            parts.append(f"{missing.size} frame(s) among 0..{n - 1} were never written ({_frame_list(missing)}) "
+                         f"and read as the fill value {source.dataset.fillvalue}")
+        self._warn(PartialScanWarning, "; ".join(parts))
+
+    def _where(self) -> dict[str, Any]:
+        """file= and path_in_file= for messages about the frames: the scan file and the frames' path in it."""
+        return {"file": self.path, "path_in_file": self._data_path}
+
+    def _stored_in(self) -> str:
+        """" (stored in <file> [<path>])" when the frames live in another file than the scan's."""
+        if isinstance(self._source, _HDF5Frames):
+            source_file = self._source_file()
+            if source_file.resolve() != self.path.resolve():
+                return f" (stored in {source_file} [{self._source.dataset.name}])"
+        return ""
+
+    def _warn(self, category: type[ScanWarning], message: str, **where: Any) -> None:
+        """Issue a warning about this scan once (``warnings.warn``) and keep it in :attr:`warnings`."""
+        warning = category(message, **(where or self._where()))
+        if any(str(w) == str(warning) for w in self.warnings):
+            return
+        self.warnings.append(warning)
+        warnings.warn(warning, stacklevel=3)
 
     def _source_file(self) -> Path:
         if isinstance(self._source, _HDF5Frames):
@@ -381,6 +458,8 @@ class Scan:
         self._reset_handles()
         self._user_mask = state["user_mask"]
         self._data_path = state["data_path"]
+        self.warnings = []
+        self._tally = None
 
     def __repr__(self) -> str:
         try:
@@ -454,9 +533,17 @@ class Scan:
             self._ensure_open()
             assert self._files is not None and self._location is not None
             n = self._source.shape[0] if self._source is not None else None
-            axis = read_axis(self._files, self._location, n)
+            declared = self._source.declared_shape[0] if isinstance(self._source, _HDF5Frames) else None
+            mismatched: list[tuple[str, int]] = []
+            axis = read_axis(self._files, self._location, n, declared=declared, mismatched=mismatched)
             if axis is None:
                 axis = ScanAxis("frame", np.arange(len(self), dtype=np.float64))
+                if mismatched:
+                    path, length = mismatched[0]
+                    self._warn(ScanAxisWarning,
+                               f"the scan axis {path.rsplit('/', 1)[-1]!r} has {length} values but the scan has "
+                               f"{len(self)} frames; using frame numbers 0..{len(self) - 1} as the axis instead",
+                               file=self.path, path_in_file=path)
             self._axis = axis
         return self._axis
 
@@ -467,12 +554,20 @@ class Scan:
 
     @property
     def bad_pixel_mask(self) -> np.ndarray:
-        """(H, W) bool static bad pixels: negative in the first frame, or set in the user mask."""
+        """(H, W) bool static bad pixels: negative or non-finite in the first frame (unless that frame
+        has no good pixel at all, which says nothing about the others), or set in the user mask."""
         if self._static_mask is None:
             first = self._frames().read(0, 1)[0]
-            static = first < 0
+            with np.errstate(invalid="ignore"):
+                static = first < 0
             if first.dtype.kind == "f":
                 static |= ~np.isfinite(first)
+            if static.all():
+                # a first frame with no good pixel says nothing about which pixels are always bad;
+                # each frame's own negative / non-finite pixels are still flagged
+                logger.info("%s: the first frame has no good pixel; it is not used as the static bad-pixel mask",
+                            self.path)
+                static = np.zeros_like(static)
             if self._user_mask is not None:
                 static |= self._user_mask
             static.setflags(write=False)
@@ -501,18 +596,70 @@ class Scan:
         start, stop = self._check_range(start, stop)
         return self._frames().read(start, stop)
 
-    def _process(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """raw (b, H, W) -> (filled float32, bad bool)."""
+    def _process(self, raw: np.ndarray, indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """raw (b, H, W) frames number ``indices`` -> (filled float32, bad bool); tallies what they hold."""
         static = self.bad_pixel_mask
-        unmeasured = bad_pixels(raw, static_mask=static, saturation_value=None)
-        saturation = self.saturation_value
-        bad = unmeasured | (raw >= saturation) if saturation is not None else unmeasured
+        with np.errstate(invalid="ignore"):  # NaN compares False: flagged as non-finite instead
+            unmeasured = bad_pixels(raw, static_mask=static, saturation_value=None)
+            saturation = self.saturation_value
+            bad = unmeasured | (raw >= saturation) if saturation is not None else unmeasured
         to_fill = bad if self.fill_saturated else unmeasured
         if not (to_fill & ~static).any():
             frames = fill_bad_pixels(raw, static)  # common case: one fancy index for the batch
         else:
             frames = fill_bad_pixels(raw, to_fill)
+        if self._tally is None:
+            self._tally = _FrameTally(len(self))
+        self._tally.add(np.asarray(indices, dtype=np.int64), raw, bad, saturation)
         return frames, bad
+
+    def check_frames(self, start: int = 0, stop: int | None = None) -> None:
+        """Warn about what the frames read so far in ``start..stop`` hold; raise if nothing is measurable.
+
+        Reading frames tallies, per frame, its NaN/inf pixels, whether it is all zero and whether it
+        has any good pixel; this turns that tally into warnings (:class:`BadPixelWarning`, also kept
+        in :attr:`warnings`) without reading anything again. Call it after streaming the frames
+        (``predict_scan`` does). Frames not read yet are left out.
+
+        Raises:
+            NoValidPixelsError: every frame of the range was read and none has a good pixel (all
+                NaN, dead/negative, saturated or masked), so no result would mean anything.
+        """
+        start, stop = self._check_range(start, stop)
+        tally = self._tally
+        if tally is None or stop <= start:
+            return
+        seen = tally.seen[start:stop]
+        n_seen = int(seen.sum())
+        if n_seen == 0:
+            return
+        frames = np.arange(start, stop)[seen]
+        which = "frames" if (start, stop) == (0, len(self)) else f"frames {start}..{stop - 1}"
+        no_good = tally.no_good[start:stop][seen]
+        if n_seen == stop - start and no_good.all():
+            causes = tally.causes[start:stop].sum(axis=0)
+            raise NoValidPixelsError(
+                f"no pixel of any of the {n_seen} {which} holds a measurement: "
+                f"{_causes_text(causes, self.saturation_value)}; nothing can be measured. Check the detector (powered, cooled, not saturated by the direct "
+                "beam) or, if this is not the detector data, pass dataset= with the right path", **self._where(),
+            )
+        non_finite = tally.non_finite[start:stop][seen]
+        if non_finite.any():
+            hit = np.count_nonzero(non_finite)
+            self._warn(BadPixelWarning,
+                       f"{int(non_finite.sum())} pixel(s) are NaN or infinite, in {hit} of {n_seen} {which} "
+                       f"({_frame_list(frames[non_finite > 0])}); they are treated as bad pixels "
+                       "(masked, and filled from their nearest good neighbours)")
+        zero = tally.all_zero[start:stop][seen]
+        if zero.any():
+            self._warn(BadPixelWarning,
+                       f"{int(zero.sum())} of {n_seen} {which} are all zero ({_frame_list(frames[zero])}): the "
+                       "detector did not count (shutter closed? not triggered?); they are processed as they are")
+        if no_good.any():
+            self._warn(BadPixelWarning,
+                       f"{int(no_good.sum())} of {n_seen} {which} have no good pixel ({_frame_list(frames[no_good])}): "
+                       f"{_causes_text(tally.causes[frames[no_good]].sum(axis=0), self.saturation_value)}; "
+                       "nothing is found in them")
 
     def __getitem__(self, index: int | slice) -> np.ndarray:
         """``scan[i]`` -> (H, W) float32 filled frame; ``scan[a:b:s]`` -> (k, H, W)."""
@@ -520,12 +667,12 @@ class Scan:
         if isinstance(index, slice):
             start, stop, step = index.indices(n)
             if step == 1:
-                return self._process(self._frames().read(start, max(start, stop)))[0]
+                return self._process(self._frames().read(start, max(start, stop)), range(start, max(start, stop)))[0]
             picks = list(range(start, stop, step))
             if not picks:
                 return np.empty((0, *self.frame_shape), np.float32)
             raw = np.stack([self._frames().read(i, i + 1)[0] for i in picks])
-            return self._process(raw)[0]
+            return self._process(raw, picks)[0]
         try:
             i = int(index)  # numpy integers too
         except TypeError:
@@ -537,7 +684,7 @@ class Scan:
             )
         if i < 0:
             i += n
-        return self._process(self._frames().read(i, i + 1))[0][0]
+        return self._process(self._frames().read(i, i + 1), [i])[0][0]
 
     def read_frames(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """Frames by number -> ((k, H, W) float32 filled, (k, H, W) bool bad pixels).
@@ -560,7 +707,7 @@ class Scan:
             raw = self._frames().read(picks[0], picks[0] + len(picks))
         else:
             raw = np.stack([self._frames().read(i, i + 1)[0] for i in picks])
-        return self._process(raw)
+        return self._process(raw, picks)
 
     def iter_frames(self, start: int = 0, stop: int | None = None, batch: int = 16) -> Iterator[FrameBatch]:
         """Batches of consecutive frames, each read with one slice.
@@ -577,8 +724,48 @@ class Scan:
         start, stop = self._check_range(start, stop)
         for first in range(start, stop, batch):
             raw = self._frames().read(first, min(first + batch, stop))
-            frames, bad = self._process(raw)
+            frames, bad = self._process(raw, range(first, first + len(raw)))
             yield FrameBatch(start=first, frames=frames, bad_pixels=bad)
+
+
+class _FrameTally:
+    """What the frames read so far held, by frame number (a frame read twice counts once)."""
+
+    def __init__(self, n: int):
+        self.seen = np.zeros(n, bool)
+        self.non_finite = np.zeros(n, np.int64)
+        self.all_zero = np.zeros(n, bool)
+        self.no_good = np.zeros(n, bool)
+        #: per frame with no good pixel: NaN/inf, negative, saturated, other (masked) pixel counts
+        self.causes = np.zeros((n, 4), np.int64)
+
+    def add(self, indices: np.ndarray, raw: np.ndarray, bad: np.ndarray, saturation: float | None) -> None:
+        non_finite, all_zero, no_good = frame_health(raw, bad)
+        self.seen[indices] = True
+        self.non_finite[indices] = non_finite
+        self.all_zero[indices] = all_zero
+        self.no_good[indices] = no_good
+        for k in np.flatnonzero(no_good):  # only for frames with nothing good: rare, and then cheap enough
+            c = bad_pixel_causes(raw[k], saturation)
+            self.causes[indices[k]] = (c["non_finite"], c["negative"], c["saturated"], c["other"])
+
+
+def _frame_list(frames: np.ndarray, shown: int = 5) -> str:
+    """'frame 3' / 'frames 3, 4, 9' / 'frames 3, 4, 9, 10, 11 ...'."""
+    frames = np.asarray(frames)
+    text = ", ".join(str(int(f)) for f in frames[:shown])
+    return f"frame{'s' if len(frames) > 1 else ''} {text}{' ...' if len(frames) > shown else ''}"
+
+
+def _causes_text(causes: np.ndarray, saturation: float | None) -> str:
+    """Why pixels are bad, from (NaN/inf, negative, saturated, masked) counts."""
+    names = ("NaN or infinite", "negative (dead or gap pixels)",
+             f"at or above the saturation value {saturation:.10g}" if saturation is not None else "saturated",
+             "in the bad-pixel mask")
+    present = [(int(c), name) for c, name in zip(causes, names) if c > 0]
+    if len(present) == 1:
+        return f"every pixel is {present[0][1]}"
+    return "every pixel is bad: " + ", ".join(f"{c} {name}" for c, name in present)
 
 
 def open_scan(

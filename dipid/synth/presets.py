@@ -7,7 +7,7 @@ fixes the frame geometry, the bad-pixel layout and the kind of scene it sees.
 
 The ``realistic`` distributions were tuned (``benchmarks/simulate.py`` and a calibration loop over
 150 scans) so that the *ground-truth instances* (not the parameters) match the 1251 real I16
-polygons in ``shared/fixtures/dipid_zooniverse_labels.csv``:
+polygons in ``tests/data/dipid_zooniverse_labels.csv``:
 
 =========================  ======================  ==========================
 statistic                  real labels             ``realistic`` (150 scans)
