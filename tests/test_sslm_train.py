@@ -130,3 +130,42 @@ def test_fit_sslm_reports_every_step_and_stops_on_nan():
         fit_sslm(build_sslm(channels=4), [], steps=2, progress=False)
     one_shot = (torch.randn(2, 1, 8, 8) for _ in range(2))
     assert len(fit_sslm(build_sslm(channels=4), one_shot, steps=5, progress=False)) == 2
+
+
+def _write_scan(path, frames: np.ndarray) -> str:
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        f.create_dataset("entry/instrument/detector/data", data=frames)
+    return str(path)
+
+
+def test_sslm_run_trains_on_seeded_crops_with_the_default_architecture(tmp_path, monkeypatch):
+    from dipid.train import sslm as sslm_train
+    from dipid.train.sslm_run import DEFAULT_MODEL_OPTIONS, SSLMTrainOptions, train_sslm_run
+
+    frames, _ = make_frames(6, seed=8)
+    scan = _write_scan(tmp_path / "scan.nxs", frames)
+    shapes: list[tuple[int, ...]] = []
+    real_fit = sslm_train.fit_sslm
+
+    def recording_fit(model, batches, **kwargs):
+        batches = list(batches)
+        shapes.extend(tuple(b.shape) for b in batches)
+        return real_fit(model, batches, **kwargs)
+
+    monkeypatch.setattr(sslm_train, "fit_sslm", recording_fit)
+    common = dict(scans=[scan], steps=2, steps_per_epoch=2, batch_size=2, progress=False, crop=(16, 24), seed=3)
+    first = train_sslm_run(out=tmp_path / "a", **common)
+    assert shapes == [(2, 1, 16, 24)] * 2  # random windows, not whole 48 x 64 frames
+    from dipid.models import load_checkpoint
+
+    model = load_checkpoint(first.run_dir / "best.safetensors")
+    assert model.config.channels == DEFAULT_MODEL_OPTIONS["channels"]  # model_options said nothing
+    second = train_sslm_run(out=tmp_path / "b", **common)  # same seed: same windows, same weights
+    again = load_checkpoint(second.run_dir / "best.safetensors")
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, again.state_dict()[key], msg=key)
+    assert SSLMTrainOptions(scans=[scan], out=tmp_path / "c", crop=None).crop is None
+    with pytest.raises(ValueError, match="crop"):
+        SSLMTrainOptions(scans=[scan], out=tmp_path / "d", crop=(4, 64))

@@ -173,7 +173,7 @@ def train_sslm(
 
     Args:
         frames: counts as (H, W) or (B, H, W) arrays, bad pixels filled.
-        config: architecture and loss weights (default :class:`SSLMConfig`).
+        config: architecture, loss weights and inference settings (default :class:`SSLMConfig`).
         steps, batch_size, lr: training length, frames per step, SGD learning rate.
         seed: seeds the initial weights and the batch order.
         crop: train on random (rows, cols) windows of the frames (the network is fully
