@@ -2,7 +2,7 @@
 
 Every subcommand turns dipid's own exceptions into one line on stderr (``dipid: error: ...``,
 naming the file, the path inside it and what to do) and a non-zero exit code; a traceback from
-the CLI is a bug.
+the CLI is a bug. Warnings are one line each too (``dipid: warning: ...``).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -44,28 +45,47 @@ def _base_weights(value: str) -> str | None:
     return None if value.lower() == "none" else value
 
 
+def _optional_int(value: str) -> int | None:
+    return None if value.lower() == "none" else int(value)
+
+
+def _optional_float(value: str) -> float | None:
+    return None if value.lower() == "none" else float(value)
+
+
 def _freeze(value: str) -> str | int:
     return int(value) if value.lstrip("-").isdigit() else value
 
 
 def cmd_train_tlm(args: argparse.Namespace) -> int:
+    from dipid.train.datasets import load_training_data
     from dipid.train.tlm import train_tlm
 
+    for spec in (args.train, args.val):  # bad label files fail here, before the run folder is made
+        load_training_data(spec)
     summary = train_tlm(
         train=args.train, val=args.val, out=args.out, base_weights=args.base_weights, freeze=args.freeze,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=args.device, amp=args.amp, seed=args.seed,
         resume=args.resume, steps_per_epoch=args.steps_per_epoch, val_frames=args.val_frames,
+        optimizer=args.optimizer, schedule=args.schedule, warmup_steps=args.warmup_steps, ema_decay=args.ema_decay,
+        crop_size=args.crop_size, crops_per_frame=args.crops_per_frame, background_crops=args.background_crops,
+        rois_per_image=args.rois_per_image,
     )
     print(summary)
     return 0
 
 
 def cmd_train_sslm(args: argparse.Namespace) -> int:
+    from dipid.io.coco import read_coco
     from dipid.train.sslm_run import train_sslm_run
 
+    if args.labels is not None:  # a bad label file fails here, before the run folder is made
+        read_coco(args.labels)
     summary = train_sslm_run(
         scans=args.scans, out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, device=args.device,
-        seed=args.seed, resume=args.resume, labels=args.labels,
+        seed=args.seed, resume=args.resume, labels=args.labels, steps_per_epoch=args.steps_per_epoch,
+        crop=None if args.crop is None else (args.crop, args.crop),
+        model_options={} if args.channels is None else {"channels": args.channels},
     )
     print(summary)
     return 0
@@ -78,8 +98,9 @@ def _load_predictor_for(model: str, weights: str | None, device: str, threshold:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from dipid.evaluate import evaluate
+    from dipid.evaluate import evaluate, load_label_sets
 
+    label_sets = load_label_sets(args.data)  # bad labels fail before a model is loaded or a file written
     weights = None if args.model in ("shipped", "default") else args.model
     if args.model == "classical":
         predictor = _load_predictor_for("classical", None, args.device, args.threshold)
@@ -87,7 +108,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         predictor = _load_predictor_for("joint", weights, args.device, args.threshold)
         models = [m for m in predictor.available_models if m in (args.models or predictor.available_models)]
-    report = evaluate(predictor, args.data, models=models, tta=args.tta, batch_size=args.batch_size)
+    report = evaluate(predictor, label_sets, models=models, tta=args.tta, batch_size=args.batch_size)
     print(report.format_table())
     if args.out:
         report.to_json(args.out)
@@ -96,6 +117,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from dipid.errors import ScanWarning
     from dipid.pipeline import PredictOptions, process_scans
 
     options = PredictOptions(model=args.model, weights=args.weights, device=args.device, batch_size=args.batch_size,
@@ -103,11 +125,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
                              min_frames=args.min_frames)
     if args.model != "classical":
         _load_predictor_for(args.model, args.weights, args.device, args.threshold)  # fail once, early, on missing weights
-    summaries = process_scans(args.scans, args.out, options, workers=args.workers, scheduler=args.scheduler)
+    with warnings.catch_warnings():
+        # each scan's warnings come back in its summary (from Dask workers too) and are printed below
+        warnings.simplefilter("ignore", ScanWarning)
+        summaries = process_scans(args.scans, args.out, options, workers=args.workers, scheduler=args.scheduler)
     print(_summary_table(summaries))
+    for s in summaries:
+        for message in s.warnings:
+            print(f"dipid: warning: {message}", file=sys.stderr)
     failed = [s for s in summaries if s.status == "failed"]
     for s in failed:
         print(f"dipid: error: {s.error}", file=sys.stderr)
+    if failed and len(failed) == len(summaries) and all(s.bad_input for s in failed):
+        return EXIT_ERROR  # nothing done, and only because of the input: like any other bad input
     return 1 if failed else 0
 
 
@@ -208,8 +238,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--base-weights", type=_base_weights, default="none", help="coco, a checkpoint path, or none")
     t.add_argument("--freeze", type=_freeze, default="backbone", help="backbone, none, or N trainable stages")
     t.add_argument("--epochs", type=int, default=10)
-    t.add_argument("--batch-size", type=int, default=4)
-    t.add_argument("--lr", type=float, default=0.005)
+    t.add_argument("--batch-size", type=int, default=16, help="crops (or frames) per step (default 16)")
+    t.add_argument("--lr", type=float, default=None, help="learning rate (default 3e-4 for adamw, 0.005 for sgd)")
+    t.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"], help="default adamw")
+    t.add_argument("--schedule", default="cosine", choices=["cosine", "plateau"],
+                   help="lr schedule after the warm-up (default cosine over all epochs)")
+    t.add_argument("--warmup-steps", type=int, default=200, help="linear lr warm-up steps (default 200)")
+    t.add_argument("--ema-decay", type=_optional_float, default=0.999,
+                   help="weight EMA that is validated and saved, or 'none' (default 0.999)")
+    t.add_argument("--crop-size", type=_optional_int, default=128,
+                   help="train on square crops centred on peaks, or 'none' for whole frames (default 128)")
+    t.add_argument("--crops-per-frame", type=int, default=4, help="crops cut from each frame (default 4)")
+    t.add_argument("--background-crops", type=float, default=0.25,
+                   help="share of crops placed anywhere rather than on a peak (default 0.25)")
+    t.add_argument("--rois-per-image", type=int, default=32,
+                   help="proposals sampled per crop (or frame) to train the heads (default 32)")
     t.add_argument("--device", default="auto")
     t.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="mixed precision on CUDA")
     t.add_argument("--seed", type=int, default=0)
@@ -220,23 +263,43 @@ def build_parser() -> argparse.ArgumentParser:
     t = train_sub.add_parser("sslm", help="train the self-supervised SSLM on unlabelled scans")
     t.add_argument("--scans", required=True, nargs="+", help="scan files and/or sim:realistic specs")
     t.add_argument("--out", required=True, type=Path, help="run folder")
-    t.add_argument("--steps", type=int, default=300)
+    t.add_argument("--steps", type=int, default=100,
+                   help="optimiser steps (default 100: clusters merge and IoU falls with longer runs; see --labels)")
+    t.add_argument("--steps-per-epoch", type=int, default=50, help="steps between validations/checkpoints (default 50)")
+    t.add_argument("--crop", type=_optional_int, default=128,
+                   help="train on square random windows of this size, or 'none' for whole frames (default 128)")
+    t.add_argument("--channels", type=int, default=None, help="clustering channels (default: the model's, 32)")
     t.add_argument("--batch-size", type=int, default=4)
     t.add_argument("--lr", type=float, default=0.1)
     t.add_argument("--device", default="auto")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--labels", default=None, help="optional COCO JSON of a few labelled frames (channel assignment, validation)")
+    t.add_argument("--labels", default=None,
+                   help="COCO JSON of a few labelled frames: validation IoU picks the best epoch (recommended)")
     t.add_argument("--resume", action="store_true")
     t.set_defaults(func=cmd_train_sslm)
     return parser
 
 
 def _configure_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    # a failed scan is logged by the pipeline and printed by cmd_predict from its summary: once is enough
+    handler.addFilter(lambda record: not getattr(record, "in_summary", False))
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        handlers=[handler],
     )
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    """warnings.showwarning for the CLI: one line on stderr, no source line."""
+    from dipid.errors import DipidWarning
+
+    if issubclass(category, DipidWarning):
+        text = f"dipid: warning: {message}"
+    else:
+        text = f"dipid: warning: {category.__name__}: {message} ({filename}:{lineno})"
+    print(" ".join(text.splitlines()), file=sys.stderr if file is None else file)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -248,7 +311,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         _configure_logging(args.verbose)
         func: Callable[[argparse.Namespace], int] = args.func
-        return func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return func(args)
     except DipidError as exc:
         print(f"dipid: error: {exc}", file=sys.stderr)
         return EXIT_INTERRUPTED if isinstance(exc.__cause__, KeyboardInterrupt) else EXIT_ERROR

@@ -30,9 +30,11 @@ from dipid.train.augment import (
 from dipid.train.datasets import (
     LabelledFrames,
     MixedFrames,
+    PeakCrops,
     SimSpec,
     SimulatedFrames,
     collate_detection,
+    crop_sample,
     frame_sample,
     load_training_data,
     parse_sim_spec,
@@ -419,3 +421,67 @@ def test_labelset_rooted_elsewhere_resolves_scans(sim_folder):
                                 for fl in labels], root=Path("/nonexistent"))
     image, _ = LabelledFrames(absolute)[0]
     assert image.shape == (1, 195, 487)
+
+
+# --- crops centred on peaks -------------------------------------------------------------------------
+
+def _big_frame(seed: int, n_peaks: int, shape=(100, 160)) -> tuple[np.ndarray, np.ndarray]:
+    """Background 1 count with ``n_peaks`` bright 5 x 5 squares at random places, and their masks."""
+    rng = np.random.default_rng(seed)
+    counts = np.ones(shape, np.float32)
+    masks = np.zeros((n_peaks, *shape), bool)
+    for k in range(n_peaks):
+        r, c = rng.integers(0, shape[0] - 5), rng.integers(0, shape[1] - 5)
+        masks[k, r : r + 5, c : c + 5] = True
+        counts[masks[k]] = 10_000
+    return counts, masks
+
+
+def test_crop_sample_cuts_image_masks_and_drops_slivers():
+    image, target = frame_sample(*two_peaks())
+    # rows 0..9, columns 5..16: peak 0 keeps columns 5..8 (4 x 4 = 16 px), peak 1 is outside
+    crop_image, crop_target = crop_sample((image, target), 0, 5, 10, 12, min_area=4)
+    assert crop_image.shape == (1, 10, 12)
+    assert torch.equal(crop_image, image[:, 0:10, 5:17])
+    assert crop_target["masks"].shape == (1, 10, 12) and int(crop_target["masks"].sum()) == 16
+    assert crop_target["boxes"].tolist() == [[0.0, 2.0, 4.0, 6.0]]
+    assert_geometry_consistent(crop_image, crop_target, threshold=0.5)
+    # a window holding only 2 columns (8 px) of peak 0 drops it when 9 px are required
+    _, sliver = crop_sample((image, target), 0, 7, 10, 12, min_area=9)
+    assert len(sliver["masks"]) == 0 and sliver["boxes"].shape == (0, 4) and sliver["labels"].shape == (0,)
+
+
+def test_peak_crops_are_mostly_on_peaks_and_consistent():
+    frames = [frame_sample(*_big_frame(seed, 2)) for seed in range(6)]
+    crops = PeakCrops(frames, size=(48, 48), crops_per_frame=8, background_fraction=0.0, seed=1)
+    samples = list(crops)
+    assert len(samples) == len(crops) == 48
+    for image, target in samples:
+        assert image.shape == (1, 48, 48)
+        assert len(target["masks"]) >= 1  # every crop is centred on a peak (the 5 x 5 square fits)
+        assert_geometry_consistent(image, target, threshold=0.5)
+
+
+def test_peak_crops_background_share_and_empty_frames():
+    frames = [frame_sample(*_big_frame(seed, 1)) for seed in range(20)]
+    only_background = PeakCrops(frames, size=(32, 32), crops_per_frame=4, background_fraction=1.0, seed=0)
+    with_peak = sum(len(t["masks"]) > 0 for _, t in only_background)
+    # 32 x 32 windows anywhere in a 100 x 160 frame hold the single peak about 8 % of the time
+    assert with_peak < 0.3 * len(only_background)
+    empty = [frame_sample(np.ones((100, 160), np.float32), np.zeros((0, 100, 160), bool))]
+    crops = list(PeakCrops(empty, size=(64, 64), crops_per_frame=3, background_fraction=0.0))
+    assert len(crops) == 3 and all(len(t["masks"]) == 0 for _, t in crops)
+
+
+def test_peak_crops_depend_on_seed_and_epoch_and_clip_to_small_frames():
+    frames = [frame_sample(*_big_frame(seed, 2)) for seed in range(4)]
+    first = [img for img, _ in PeakCrops(frames, size=(40, 40), seed=3)]
+    again = [img for img, _ in PeakCrops(frames, size=(40, 40), seed=3)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    other = PeakCrops(frames, size=(40, 40), seed=3)
+    other.set_epoch(1)
+    assert not all(torch.equal(a, b) for a, b in zip(first, [img for img, _ in other]))
+    small = [frame_sample(*two_peaks())]  # 20 x 30: the window shrinks to the frame
+    assert {tuple(img.shape) for img, _ in PeakCrops(small, size=(128, 128), crops_per_frame=2)} == {(1, H, W)}
+    with pytest.raises(ValueError):
+        PeakCrops(frames, size=(16, 16))

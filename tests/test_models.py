@@ -12,6 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 from urllib.error import URLError
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -32,15 +33,22 @@ from dipid.models import (
     sha256_file,
 )
 from dipid.models import tlm as tlm_module
-from dipid.models.checkpoint import read_checkpoint_tensors
+from dipid.models.checkpoint import (
+    SCALE_SUFFIX,
+    dequantize_per_channel,
+    quantize_per_channel,
+    read_checkpoint_tensors,
+)
 from dipid.models.sslm import (
     ROLE_BACKGROUND,
     ROLE_CORE,
     ROLE_HALO,
     SSLMLossWeights,
     assign_channels,
+    component_significance,
     context_consistency_loss,
     feature_similarity_loss,
+    local_background,
     local_significance,
     robust_noise_level,
     spatial_continuity_loss,
@@ -204,16 +212,67 @@ def test_checkpoint_round_trip_gives_same_config_and_outputs(name, eval_models, 
     assert header["config"] == json.loads(json.dumps(asdict(eval_models[name].config)))
 
 
+def stored_bytes(path: Path) -> int:
+    """Tensor bytes = file size minus safetensors' 8-byte length prefix and JSON header."""
+    with open(path, "rb") as handle:
+        header_bytes = int.from_bytes(handle.read(8), "little")
+    return path.stat().st_size - 8 - header_bytes
+
+
+def test_per_channel_int8_round_trip_error_is_half_a_step():
+    weight = torch.randn(8, 3, 3, 3) * torch.logspace(-3, 1, 8).reshape(8, 1, 1, 1)  # channels of every scale
+    weight[5] = 0.0
+    q, scale = quantize_per_channel(weight)
+    assert q.dtype == torch.int8 and scale.shape == (8,) and int(q.abs().max()) == 127
+    back = dequantize_per_channel(q, scale)
+    error = (back - weight).abs().reshape(8, -1).amax(dim=1)
+    assert bool((error <= scale / 2 + 1e-12).all())
+    assert torch.equal(back[5], torch.zeros_like(back[5])) and scale[5] == 1.0
+
+
+@pytest.mark.parametrize("name", ["tlm", "sslm"])
+def test_int8_checkpoint_is_a_quarter_and_loads_as_float32(name, eval_models, saved, tmp_path, monkeypatch):
+    from dipid.models import checkpoint
+
+    monkeypatch.setattr(checkpoint, "INT8_MIN_ELEMENTS", 64)  # the test SSLM is small: quantise it too
+    model = eval_models[name]
+    small = save_checkpoint(model, tmp_path / "int8.safetensors", dtype=torch.int8)
+    assert read_checkpoint_metadata(small)["dtype"] == "int8"
+    # a quarter of the weights' bytes, plus scales and float32 biases (a larger share of the tiny test SSLM)
+    assert stored_bytes(small) < (0.27 if name == "tlm" else 0.5) * stored_bytes(saved[name])
+    stored = read_checkpoint_tensors(small)
+    reference = model.state_dict()
+    assert set(stored) == set(reference)  # the ::scale companions are consumed, not returned
+    for key, value in list(stored.items())[::5]:
+        if value.is_floating_point():
+            assert value.dtype == torch.float32
+            step = reference[key].abs().amax() / 127
+            torch.testing.assert_close(value, reference[key], rtol=0, atol=float(step) / 2 + 1e-7, msg=key)
+    if name == "sslm":
+        assert isinstance(load_checkpoint(small), type(model))
+
+
+def test_int8_checkpoint_with_broken_scales_is_rejected(eval_models, tmp_path, monkeypatch):
+    from dipid.models import checkpoint
+
+    monkeypatch.setattr(checkpoint, "INT8_MIN_ELEMENTS", 64)
+    path = save_checkpoint(eval_models["sslm"], tmp_path / "int8.safetensors", dtype=torch.int8)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        header = handle.metadata()
+    key = next(k for k in tensors if k.endswith(SCALE_SUFFIX))
+    tensors[key] = tensors[key][:-1]
+    save_file(tensors, str(path), metadata=header)
+    with pytest.raises(CheckpointError, match="scales"):
+        load_checkpoint(path)
+
+
 @pytest.mark.parametrize("name", ["tlm", "sslm"])
 def test_float16_checkpoint_is_smaller_and_loads_as_float32(name, eval_models, saved, tmp_path):
     model = eval_models[name]
     half = save_checkpoint(model, tmp_path / "half.safetensors", dtype=torch.float16)
-    def stored_bytes(path: Path) -> int:
-        """Tensor bytes = file size minus safetensors' 8-byte length prefix and JSON header."""
-        with open(path, "rb") as handle:
-            header_bytes = int.from_bytes(handle.read(8), "little")
-        return path.stat().st_size - 8 - header_bytes
-
     assert stored_bytes(half) < 0.6 * stored_bytes(saved[name])
     assert read_checkpoint_metadata(half)["dtype"] == "float16"
     assert read_checkpoint_tensors(half)[next(k for k, _ in model.named_parameters())].dtype == torch.float16
@@ -552,3 +611,141 @@ def test_assign_channels_rules_on_a_known_response():
     assert by_labels == [ROLE_BACKGROUND, ROLE_BACKGROUND, ROLE_CORE, ROLE_BACKGROUND]
     # A channel winning the upper half of pure noise is not a peak channel.
     assert assign_channels(_FixedResponseSSLM(_upper_half), noise) == [ROLE_BACKGROUND] * 4
+
+
+# ----------------------------------------------------------------------------- SSLM significance test
+
+
+def _normalised(expected: np.ndarray, seed: int) -> torch.Tensor:
+    """Poisson counts drawn around ``expected`` (H, W), normalised, as (1, 1, H, W)."""
+    from dipid.models.normalize import normalize_counts
+
+    counts = np.random.default_rng(seed).poisson(expected).astype(np.float32)
+    return normalize_counts(torch.from_numpy(counts))[None, None]
+
+
+def _slope_and_peaks(height: int = 96, width: int = 192, *, hot: bool = True) -> np.ndarray:
+    """Expected counts: a background rising from 1 to 9 counts across the columns, a faint
+    round peak (8 counts over ~2 at its centre) on the dim side and, optionally, a hot pixel."""
+    rows, cols = np.mgrid[0:height, 0:width].astype(np.float64)
+    expected = 1.0 + 8.0 * cols / (width - 1)
+    expected += 8.0 * np.exp(-((rows - 48) ** 2 + (cols - 30) ** 2) / (2 * 3.0**2))
+    if hot:
+        expected[20, 60] = 2e4
+    return expected
+
+
+def test_local_background_follows_a_slope_and_is_not_lifted_by_a_wide_peak():
+    rows, cols = np.mgrid[0:96, 0:192].astype(np.float64)
+    slope = 1.0 + 8.0 * cols / 191
+    wide = 60.0 * np.exp(-((rows - 48) ** 2 + (cols - 96) ** 2) / (2 * 12.0**2))  # ~4 cells across
+    x = _normalised(slope + wide, seed=3)
+    significance = local_significance(x)[0]
+    away = torch.from_numpy(np.hypot(rows - 48, cols - 96) > 45)
+    # The bright end of the slope is as insignificant as the dim end (a frame-wide median would
+    # put the bright quarter several sigma up), and noise stays within the usual tails.
+    assert significance[away].median().abs() < 0.5
+    assert significance[:, 150:][away[:, 150:]].median() < 1.0
+    assert (significance[away] > 4.0).float().mean() < 0.01
+    # The wide peak does not lift the background under itself: its centre stays very significant
+    # and the level there is close to that of its surroundings, not to the peak.
+    level, sigma = local_background(x)
+    assert significance[48, 96] > 10
+    lift = float(level[0, 48, 96] - level[0, 48, 40:50].mean())
+    rise = float(x[0, 0, 45:52, 93:100].mean() - level[0, 48, 40:50].mean())
+    assert lift < 0.3 * rise
+    assert torch.isfinite(sigma).all() and (sigma > 0).all()
+
+
+def test_local_background_handles_frames_smaller_than_a_cell():
+    level, sigma = local_background(torch.zeros(2, 1, 5, 7))
+    assert level.shape == sigma.shape == (2, 5, 7)
+    assert torch.isfinite(level).all() and torch.isfinite(sigma).all()
+
+
+def test_component_significance_by_hand():
+    excess = np.zeros((4, 8))
+    labels = np.zeros((4, 8), np.int32)
+    excess[0, 0:4] = [30.0, 0.0, 0.0, 0.0]  # a hot pixel and three noise pixels
+    labels[0, 0:4] = 1
+    excess[2, 0:5] = 3.0  # five pixels each 3 sigma up
+    labels[2, 0:5] = 2
+    excess[3, 7] = 50.0  # a single pixel
+    labels[3, 7] = 3
+    significance, mean_excess = component_significance(excess, labels, 3)
+    np.testing.assert_allclose(significance, [0.0, 12.0 / 2.0, 0.0])
+    np.testing.assert_allclose(mean_excess, [0.0, 3.0, 0.0])
+    assert [a.shape for a in component_significance(excess, np.zeros_like(labels), 0)] == [(0,), (0,)]
+
+
+def _smoothed_brightness(threshold: float):
+    """Channel 1 wins where the 3 x 3 mean of the input exceeds ``threshold``: like a trained
+    SSLM, it spreads a hot pixel over its neighbours and follows the raw brightness of a slope."""
+
+    def response(x):
+        smooth = torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+        return [torch.zeros_like(x), 40 * (smooth - threshold), torch.full_like(x, -100.0), torch.full_like(x, -100.0)]
+
+    return response
+
+
+def test_peak_probability_drops_hot_pixels_and_slopes_but_keeps_a_faint_peak():
+    model = _FixedResponseSSLM(_smoothed_brightness(0.05))
+    model.config.channel_roles = [ROLE_BACKGROUND, ROLE_CORE, ROLE_BACKGROUND, ROLE_BACKGROUND]
+    x = _normalised(_slope_and_peaks(), seed=11)
+    raw = model.cluster_probability(x)[0] >= 0.5
+    # Without the test the clustering marks the hot pixel's neighbourhood, the faint peak and the
+    # bright end of the slope.
+    assert raw[19:22, 59:62].all() and raw[46:51, 28:33].all() and raw[:, 170:].float().mean() > 0.5
+    gated = model.peak_mask(x)[0]
+    assert not gated[15:26, 55:66].any()  # hot pixel gone
+    assert gated[:, 150:].float().mean() < 0.01  # noise on the bright side of the slope gone
+    assert gated[46:51, 28:33].all()  # the faint peak kept, with its whole extent
+    assert torch.equal(gated[40:57, 20:41], raw[40:57, 20:41])
+    model.config.min_significance = 0.0  # the test switched off: the clustering as it is
+    assert torch.equal(model.peak_mask(x)[0], raw)
+
+
+def test_peak_probability_keeps_gradients_through_kept_components():
+    model = _FixedResponseSSLM(_smoothed_brightness(0.12))
+    model.config.channel_roles = [ROLE_BACKGROUND, ROLE_CORE, ROLE_BACKGROUND, ROLE_BACKGROUND]
+    x = _normalised(_slope_and_peaks(hot=False), seed=12).requires_grad_(True)
+    model.peak_probability(x).sum().backward()
+    assert x.grad is not None and x.grad[0, 0, 40:57, 20:41].abs().sum() > 0
+
+
+def test_sslm_inference_settings_round_trip_and_old_checkpoints_get_defaults(tmp_path):
+    from safetensors import safe_open
+
+    model = build_sslm(channels=4, channel_roles=[0, 2, 0, 1], threshold=0.4, min_significance=7.5,
+                       min_mean_excess=0.5, background_cell=8, background_smooth=3).eval()
+    path = save_checkpoint(model, tmp_path / "new.safetensors")
+    loaded = load_checkpoint(path)
+    assert asdict(loaded.config) == asdict(model.config)
+
+    # A checkpoint written before the settings existed: its config lacks them.
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    config = json.loads(metadata["config"])
+    for key in ("threshold", "min_significance", "min_mean_excess", "background_cell", "background_smooth"):
+        del config[key]
+    metadata["config"] = json.dumps(config)
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata=metadata)
+    defaults = SSLMConfig()
+    loaded_old = load_checkpoint(old)
+    assert loaded_old.config.channel_roles == [0, 2, 0, 1]
+    assert (loaded_old.config.threshold, loaded_old.config.min_significance, loaded_old.config.min_mean_excess) == (
+        defaults.threshold, defaults.min_significance, defaults.min_mean_excess)
+    assert (loaded_old.config.background_cell, loaded_old.config.background_smooth) == (16, 5)
+    x = torch.rand(1, 1, 24, 24)
+    torch.testing.assert_close(loaded_old(x), model(x))
+
+
+@pytest.mark.parametrize("bad", [{"threshold": 0.0}, {"threshold": 1.0}, {"min_significance": -1.0},
+                                 {"min_significance": math.inf}, {"min_mean_excess": -0.5}, {"background_cell": 1},
+                                 {"background_smooth": 4}])
+def test_sslm_config_rejects_bad_inference_settings(bad):
+    with pytest.raises(ValueError):
+        SSLMConfig(**bad)

@@ -19,13 +19,28 @@ import torch
 from dipid.errors import TrainingError
 from dipid.io.coco import FrameLabels, write_coco
 from dipid.train import run as runmod
-from dipid.train.tlm import HISTORY_COLUMNS, LOSS_PARTS, is_improvement, train_tlm, warmup_factor
+from dipid.train.tlm import (
+    HISTORY_COLUMNS,
+    LOSS_PARTS,
+    TLMTrainOptions,
+    cosine_factor,
+    ema_update,
+    is_improvement,
+    train_tlm,
+    warmup_factor,
+)
 
 FRAME_SHAPE = (32, 32)
 #: Small settings that keep a CPU step to a few seconds. The 32 x 32 test frames shrink to 1 x 1
 #: in the ResNet's last stage, where trainable BatchNorm cannot work on a batch of one, so the
 #: body's BatchNorm is frozen here (as with a pretrained start).
 FAST = dict(
+    # The fine-tuning recipe (SGD, plateau schedule, whole frames, no EMA): its lr stays put, which
+    # the run-folder tests below read back; the from-scratch recipe has tests of its own at the end.
+    optimizer="sgd",
+    schedule="plateau",
+    ema_decay=None,
+    crop_size=None,
     batch_size=1,
     steps_per_epoch=1,
     val_frames=1,
@@ -241,3 +256,89 @@ def test_resumed_run_reproduces_the_straight_run(broken_run, straight_run):
     _assert_same_history(runmod.read_history_csv(out / "history.csv"), straight.history)
     config = json.loads((out / "config.json").read_text())
     assert [r["from_epoch"] for r in config["resumes"]] == [1, 1]
+
+
+# ------------------------------------------------------------------------------ the from-scratch recipe
+def test_cosine_factor_falls_from_one_to_final():
+    assert cosine_factor(0, 100) == 1.0
+    assert cosine_factor(50, 100, final=0.0) == pytest.approx(0.5)
+    assert cosine_factor(100, 100, final=0.01) == pytest.approx(0.01)
+    assert cosine_factor(500, 100, final=0.01) == pytest.approx(0.01)  # past the end: stays at the floor
+    values = [cosine_factor(k, 40) for k in range(41)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_ema_update_follows_the_live_weights_and_copies_buffers():
+    live = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    average = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    average.load_state_dict(live.state_dict())
+    with torch.no_grad():
+        live[0].weight.add_(1.0)
+        live[1].running_mean.fill_(3.0)
+    before = average[0].weight.clone()
+    ema_update(average, live, decay=0.9, step=1000)  # decay 0.9: 10 % of the way
+    assert torch.allclose(average[0].weight, before + 0.1, atol=1e-6)
+    assert torch.equal(average[1].running_mean, live[1].running_mean)
+    ema_update(average, live, decay=0.999, step=0)  # first steps: d = 1/10, mostly the live weights
+    assert torch.allclose(average[0].weight, live[0].weight - 0.1 * 0.9, atol=1e-6)
+
+
+def test_options_default_to_the_from_scratch_recipe_and_reject_unknown_names():
+    from dipid.errors import UnknownNameError
+
+    opts = TLMTrainOptions(train="a", val="b", out="c")
+    assert (opts.optimizer, opts.schedule, opts.crop_size, opts.ema_decay, opts.lr) == ("adamw", "cosine", 128, 0.999, 3e-4)
+    assert TLMTrainOptions(train="a", val="b", out="c", optimizer="sgd").lr == 0.005
+    with pytest.raises(UnknownNameError, match="adamw"):
+        TLMTrainOptions(train="a", val="b", out="c", optimizer="adam")
+    with pytest.raises(UnknownNameError, match="cosine"):
+        TLMTrainOptions(train="a", val="b", out="c", schedule="step")
+    with pytest.raises(ValueError, match="crop_size"):
+        TLMTrainOptions(train="a", val="b", out="c", crop_size=8)
+
+
+#: The default recipe on the tiny frames: crops (clipped to the 32 x 32 frames), AdamW, cosine, EMA.
+SCRATCH = {**FAST, "optimizer": "adamw", "schedule": "cosine", "ema_decay": 0.99, "crop_size": 128,
+           "crops_per_frame": 2, "batch_size": 2, "steps_per_epoch": 2}
+
+
+@pytest.fixture(scope="module")
+def scratch_runs(data, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("scratch")
+    straight = train_tlm(train=data["train"], val=data["val"], out=folder / "straight", epochs=2, seed=5, **SCRATCH)
+
+    def interrupt(event):
+        if event.kind == "step" and event.epoch == 2:
+            raise KeyboardInterrupt
+
+    # Stopped in epoch 2 (not a 1-epoch run: the cosine schedule spans all the epochs asked for).
+    with pytest.raises(TrainingError):
+        train_tlm(train=data["train"], val=data["val"], out=folder / "resumed", epochs=2, seed=5, callback=interrupt,
+                  **SCRATCH)
+    resumed = train_tlm(train=data["train"], val=data["val"], out=folder / "resumed", epochs=2, seed=5, resume=True,
+                        **SCRATCH)
+    return folder, straight, resumed
+
+
+def test_scratch_recipe_saves_the_ema_and_decays_the_lr(scratch_runs):
+    from safetensors.torch import load_file
+
+    folder, straight, _ = scratch_runs
+    rows = straight.history
+    assert rows[0]["lr"] > rows[1]["lr"] > 0  # cosine over 4 steps, recorded at each epoch's last step
+    assert rows[1]["lr"] == pytest.approx(1e-5 * cosine_factor(3, 4), rel=1e-6)
+    state, _ = runmod.load_state(folder / "straight" / "state.safetensors")
+    assert "ema" in state
+    saved = load_file(folder / "straight" / "last.safetensors")
+    key = next(k for k in state["ema"] if k.endswith("cls_score.weight"))
+    saved_key = next(k for k in saved if k.endswith("cls_score.weight"))
+    assert torch.equal(saved[saved_key], state["ema"][key])  # the checkpoint holds the average
+    assert not torch.equal(state["ema"][key], state["model"][key])
+    config = json.loads((folder / "straight" / "config.json").read_text())
+    assert config["optimizer"]["name"] == "AdamW" and config["optimizer"]["ema_decay"] == 0.99
+
+
+def test_scratch_recipe_resumes_to_the_same_history(scratch_runs):
+    _, straight, resumed = scratch_runs
+    assert resumed.resumed_from_epoch == 1
+    _assert_same_history(resumed.history, straight.history)

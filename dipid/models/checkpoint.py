@@ -6,10 +6,17 @@ A checkpoint is one ``.safetensors`` file. Its string metadata holds::
     model         "tlm" | "sslm"
     config        JSON of the model's config dataclass (enough to rebuild the architecture)
     dipid_version the dipid version that wrote it
-    dtype         "float32" or "float16" (how floating tensors are stored)
+    dtype         "float32", "float16", "bfloat16" or "int8" (how floating tensors are stored)
     metadata      JSON of the caller's metadata (training run, data, scores, ...)
 
-so :func:`load_checkpoint` rebuilds the right model from the file alone. Nothing is ever
+so :func:`load_checkpoint` rebuilds the right model from the file alone.
+
+``dtype="int8"`` stores every floating weight of two or more dimensions with at least
+``INT8_MIN_ELEMENTS`` elements (convolution and linear weights: 99 % of a ResNet-50 Mask R-CNN)
+as symmetric per-output-channel int8 (:func:`quantize_per_channel`), with its float32 scales in a
+companion tensor ``<name>::scale`` in the same file; smaller tensors (biases, BatchNorm
+statistics) stay float32. Reading dequantises (:func:`dequantize_per_channel`), so a model
+loaded from such a file is an ordinary float32 model, 4x smaller on disk. Nothing is ever
 unpickled. Files are written to a temporary file in the target folder and renamed into place,
 so a crash never leaves a half-written checkpoint under the final name.
 """
@@ -45,6 +52,8 @@ __all__ = [
     "load_checkpoint",
     "read_checkpoint_metadata",
     "read_checkpoint_tensors",
+    "quantize_per_channel",
+    "dequantize_per_channel",
     "sha256_file",
 ]
 
@@ -54,7 +63,34 @@ CHECKPOINT_FORMAT = "dipid"
 # BatchNorm's step counter is not a weight: FrozenBatchNorm2d has none and BatchNorm2d recreates
 # it, so its presence or absence never makes a checkpoint incompatible.
 _IGNORED_SUFFIXES = ("num_batches_tracked",)
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int8: "int8"}
+#: Suffix of the per-output-channel scales of an int8 tensor.
+SCALE_SUFFIX = "::scale"
+#: Floating tensors smaller than this stay float32 in an int8 checkpoint (biases, norms: tiny and sensitive).
+INT8_MIN_ELEMENTS = 1024
+
+
+def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: ``weight ~= q * scale`` along dimension 0.
+
+        scale[c] = max |weight[c, ...]| / 127   (1 where a channel is all zero)
+        q        = round(weight / scale), in [-127, 127]
+
+    Args:
+        weight: (C, ...) floating tensor.
+    Returns:
+        ``q`` (C, ...) int8 and ``scale`` (C,) float32; the error is at most scale / 2 per element.
+    """
+    w = weight.detach().float()
+    peak = w.reshape(w.shape[0], -1).abs().amax(dim=1)
+    scale = torch.where(peak > 0, peak / 127.0, torch.ones_like(peak))
+    q = torch.round(w / scale.reshape(-1, *([1] * (w.dim() - 1)))).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_per_channel(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`quantize_per_channel`: (C, ...) int8 and (C,) scales -> float32."""
+    return q.float() * scale.float().reshape(-1, *([1] * (q.dim() - 1)))
 
 
 @dataclass
@@ -134,8 +170,9 @@ def save_checkpoint(
         model: a TLM or SSLM (anything with ``name`` and a dataclass ``config``).
         path: destination file; its folder must exist.
         metadata: JSON-serialisable extra information stored alongside.
-        dtype: store floating tensors in this dtype (``torch.float16`` halves the file);
-            :func:`load_checkpoint` always returns float32 weights.
+        dtype: store floating tensors in this dtype (``torch.float16`` halves the file,
+            ``torch.int8`` quarters it: see the module docstring); :func:`load_checkpoint`
+            always returns float32 weights.
     Returns:
         the path written.
     """
@@ -145,7 +182,12 @@ def save_checkpoint(
     tensors: dict[str, torch.Tensor] = {}
     for key, value in model.state_dict().items():
         value = value.detach().to("cpu")
-        if dtype is not None and value.is_floating_point():
+        if dtype is torch.int8 and value.is_floating_point():
+            if value.dim() >= 2 and value.numel() >= INT8_MIN_ELEMENTS:
+                value, tensors[key + SCALE_SUFFIX] = quantize_per_channel(value)
+            else:
+                value = value.float()
+        elif dtype is not None and value.is_floating_point():
             value = value.to(dtype)
         # clone: safetensors refuses tensors that share storage or are not contiguous.
         tensors[key] = value.contiguous().clone()
@@ -223,16 +265,27 @@ def read_checkpoint_metadata(path: str | Path) -> dict[str, Any]:
 
 
 def read_checkpoint_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file, on the CPU, in their stored dtype."""
+    """All tensors of a safetensors file, on the CPU, in their stored dtype (int8 ones dequantised
+    to float32 with their ``::scale`` companions, which are not returned)."""
     path = Path(path)
     _check_exists(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - not a dict
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - not a dict
     except Exception as exc:  # noqa: BLE001
         raise CheckpointError(
             f"{path}: cannot read its tensors ({exc}); the file is damaged or not safetensors."
         ) from exc
+    scales = {key[: -len(SCALE_SUFFIX)]: tensors.pop(key) for key in list(tensors) if key.endswith(SCALE_SUFFIX)}
+    for key, scale in scales.items():
+        q = tensors.get(key)
+        if q is None or q.dtype != torch.int8 or scale.shape != (q.shape[0],):
+            raise CheckpointError(
+                f"{path}: tensor {key!r} has int8 scales that do not fit it (tensor "
+                f"{None if q is None else (q.dtype, tuple(q.shape))}, scales {tuple(scale.shape)}); the file is damaged."
+            )
+        tensors[key] = dequantize_per_channel(q, scale)
+    return tensors
 
 
 def _config_from_dict(config_cls: type, values: Mapping[str, Any], path: Path) -> Any:

@@ -38,6 +38,8 @@ __all__ = [
     "LabelledFrames",
     "SimulatedFrames",
     "MixedFrames",
+    "PeakCrops",
+    "crop_sample",
     "load_training_data",
     "parse_sim_spec",
     "SimSpec",
@@ -320,6 +322,109 @@ class MixedFrames(IterableDataset):
 def _in_order(dataset: Dataset, order: np.ndarray) -> Iterator[Sample]:
     for i in order:
         yield dataset[int(i)]
+
+
+# --- crops centred on peaks ----------------------------------------------------------------------
+
+def crop_sample(sample: Sample, top: int, left: int, height: int, width: int, *, min_area: int = 4) -> Sample:
+    """The window ``[top:top+height, left:left+width]`` of a sample, with its instances.
+
+    Instances keep the part of their mask inside the window; those left with fewer than
+    ``min_area`` pixels are dropped (a sliver at the window's edge is not a peak one can learn).
+    Boxes are recomputed from the cropped masks (:func:`dipid.train.augment.boxes_from_masks`).
+    """
+    from dipid.train.augment import boxes_from_masks
+
+    image, target = sample
+    rows, cols = slice(top, top + height), slice(left, left + width)
+    masks = target["masks"][:, rows, cols]
+    keep = masks.flatten(1).sum(dim=1) >= min_area if len(masks) else torch.zeros(0, dtype=torch.bool)
+    masks = masks[keep]
+    out = {"boxes": boxes_from_masks(masks), "labels": target["labels"][keep], "masks": masks}
+    if "bad_pixels" in target:
+        out["bad_pixels"] = target["bad_pixels"][rows, cols]
+    return image[:, rows, cols], out
+
+
+class PeakCrops(IterableDataset):
+    """Crops of another dataset's frames, most of them centred on a peak.
+
+    Whole detector frames are mostly background and hold a few peaks, so a step on whole frames
+    spends most of its compute on pixels with nothing to learn. Each frame gives
+    ``crops_per_frame`` windows of ``size``: a fraction ``background_fraction`` anywhere in the
+    frame (empty frames give only these), the rest centred on a random pixel of a random peak and
+    shifted by up to a quarter of the window, so peaks are seen at every position, cut by the
+    window's edge too. Crops pass through a shuffle buffer so one batch mixes frames. Seeded from
+    ``(seed, epoch, worker)``; :meth:`set_epoch` reaches the frames.
+
+    Args:
+        frames: a dataset of whole-frame samples (map-style or iterable).
+        size: (height, width) of the crops in pixels (clipped to the frame).
+        crops_per_frame: crops cut from each frame.
+        background_fraction: share of crops placed anywhere, in [0, 1].
+        min_area: instances with fewer pixels inside a crop are dropped.
+        buffer: crops held in the shuffle buffer.
+    """
+
+    def __init__(self, frames: Dataset, *, size: tuple[int, int] = (128, 128), crops_per_frame: int = 4,
+                 background_fraction: float = 0.25, min_area: int = 4, buffer: int = 64, seed: int = 0) -> None:
+        super().__init__()
+        if crops_per_frame < 1 or min(size) < 32:
+            raise ValueError(f"crops_per_frame must be >= 1 and crops at least 32 px, got {crops_per_frame}, {size}")
+        if not 0.0 <= background_fraction <= 1.0:
+            raise ValueError(f"background_fraction must be in [0, 1], got {background_fraction}")
+        self.frames = frames
+        self.size = (int(size[0]), int(size[1]))
+        self.crops_per_frame = int(crops_per_frame)
+        self.background_fraction = float(background_fraction)
+        self.min_area = int(min_area)
+        self.buffer = max(1, int(buffer))
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch here and in the frames."""
+        self.epoch = int(epoch)
+        if hasattr(self.frames, "set_epoch"):
+            self.frames.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.frames) * self.crops_per_frame  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[Sample]:
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, worker, 7]))
+        if isinstance(self.frames, IterableDataset):
+            source: Iterator[Sample] = iter(self.frames)
+        else:
+            source = _in_order(self.frames, rng.permutation(len(self.frames))[worker::n_workers])  # type: ignore[arg-type]
+        pending: list[Sample] = []
+        for sample in source:
+            pending.extend(self._crops(sample, rng))
+            while len(pending) > self.buffer:
+                yield pending.pop(int(rng.integers(len(pending))))
+        rng.shuffle(pending)  # type: ignore[arg-type]
+        yield from pending
+
+    def _crops(self, sample: Sample, rng: np.random.Generator) -> list[Sample]:
+        image, target = sample
+        h, w = image.shape[-2:]
+        ch, cw = min(self.size[0], h), min(self.size[1], w)
+        masks = target["masks"]
+        crops = []
+        for _ in range(self.crops_per_frame):
+            if len(masks) and rng.random() >= self.background_fraction:
+                rows, cols = np.nonzero(masks[int(rng.integers(len(masks)))].numpy())
+                j = int(rng.integers(len(rows)))
+                centre_row = rows[j] + rng.integers(-(ch // 4), ch // 4 + 1)
+                centre_col = cols[j] + rng.integers(-(cw // 4), cw // 4 + 1)
+                top = int(np.clip(centre_row - ch // 2, 0, h - ch))
+                left = int(np.clip(centre_col - cw // 2, 0, w - cw))
+            else:
+                top, left = int(rng.integers(h - ch + 1)), int(rng.integers(w - cw + 1))
+            crops.append(crop_sample(sample, top, left, ch, cw, min_area=self.min_area))
+        return crops
 
 
 # --- training data from a description -------------------------------------------------------------
