@@ -11,6 +11,7 @@ frames/s), on this machine's CPU unless --device says otherwise.
     python benchmarks/accuracy.py                          # shipped weights + classical
     python benchmarks/accuracy.py --weights runs/tlm       # a training run's best checkpoint
     python benchmarks/accuracy.py --scans 3 --frames 21    # a quick look
+    python benchmarks/accuracy.py --per-preset             # also one table per preset (easy, realistic, hard)
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ def build_test_set(folder: Path, *, n_scans: int, n_frames: int, base_seed: int 
     return labels
 
 
+def preset_of(scan_name: str) -> str:
+    """The preset of a test-set scan, from its name (``test_03_easy.nxs`` -> ``easy``)."""
+    stem = Path(scan_name).stem
+    return next((p for p in PRESET_CYCLE if stem.endswith(f"_{p}")), "other")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path(".cache/dipid-testset"), help="test-set folder")
@@ -55,6 +62,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--tta", action="store_true", help="also evaluate with test-time augmentation")
     parser.add_argument("--json", type=Path, default=None, help="also write the full report as JSON")
+    parser.add_argument("--per-preset", action="store_true", help="also score each preset's scans on their own")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -71,19 +79,25 @@ def main() -> int:
         print(f"no trained weights ({exc}); evaluating the classical baseline only", file=sys.stderr)
         predictor = JointPredictor(device=args.device)
         models = ["classical"]
-    reports = {"": evaluate(predictor, labels, models=models, batch_size=args.batch_size)}
+    group_of = preset_of if args.per_preset else None
+    reports = {"": evaluate(predictor, labels, models=models, batch_size=args.batch_size, group_of=group_of)}
     if args.tta:
         reports["+tta"] = evaluate(predictor, labels, models=models, tta=True, batch_size=args.batch_size)
 
     print(f"\ntest set: {args.scans} scans x {args.frames} frames ({data}); device {args.device}; "
           f"{os.cpu_count()} CPU cores ({platform.machine()})\n")
-    cols = ("mean_iou", "precision", "recall", "f1", "AP", "AP50", "hit_auc", "frames_per_s")
-    header = f"{'model':14s}" + "".join(f"{c:>13s}" for c in cols)
+    cols = ("mean_iou", "precision", "recall", "f1", "AP", "AP50", "hit_auc", "fp_area_per_empty_frame", "frames_per_s")
+    short = {"fp_area_per_empty_frame": "fp_px/empty"}
+    header = f"{'model':20s}" + "".join(f"{short.get(c, c):>13s}" for c in cols)
     print(header)
     print("-" * len(header))
     for suffix, report in reports.items():
         for model, row in report.summary.items():
-            print(f"{model + suffix:14s}" + "".join(f"{row.get(c, float('nan')):13.3f}" for c in cols))
+            print(f"{model + suffix:20s}" + "".join(f"{row.get(c, float('nan')):13.3f}" for c in cols))
+    for preset in PRESET_CYCLE if args.per_preset else ():
+        for model, groups in reports[""].per_group.items():
+            row = groups.get(preset, {})
+            print(f"{model + ' ' + preset:20s}" + "".join(f"{row.get(c, float('nan')):13.3f}" for c in cols))
     if args.json:
         reports[""].to_json(args.json)
     return 0

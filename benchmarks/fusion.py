@@ -1,12 +1,16 @@
-"""Is ``joint`` at least as good as the better of the TLM and the SSLM? Fusion rules compared.
+"""Is ``joint`` at least as good as every single model (TLM, SSLM, classical)? Fusion rules compared.
 
-The TLM and the SSLM run once over every frame of two simulated sets: a validation set (its own
-seeds) on which the fusion settings are chosen, and the benchmark test set of
-``benchmarks/accuracy.py`` on which they are reported. Fusing cached outputs is cheap, so every
-rule in the grid is scored on both sets without running the networks again.
+The TLM, the SSLM and the classical finder run once over every frame of two simulated sets: a
+validation set (its own seeds) on which the fusion settings are chosen, and the benchmark test
+set of ``benchmarks/accuracy.py`` on which they are reported. Fusing cached outputs is cheap, so
+every rule in the grid is scored on both sets without running the networks again. The grid
+includes rules that use the classical finder as a third source (confirmation, added peaks,
+pixel edges; see :func:`dipid.postprocess.fuse_instances`).
 
-A rule is acceptable on a set when its mean IoU and instance F1 are both >= those of the better
-single model; among acceptable rules the one with the best (mean IoU + F1) on validation wins.
+A rule is acceptable on a set when its mean IoU, instance F1 and mask AP are all >= those of
+every single model; among acceptable rules the one with the best (mean IoU + F1 + AP) on
+validation wins. When none is acceptable the best by that sum is reported (and written with
+``--write-settings``), marked as such.
 
     python benchmarks/fusion.py --weights runs/joint          # a folder with tlm/sslm.safetensors
     python benchmarks/fusion.py --weights runs/joint --write-settings   # store the chosen rule
@@ -18,9 +22,11 @@ import argparse
 import itertools
 import json
 import logging
+import multiprocessing
 import os
 import platform
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -29,13 +35,46 @@ from accuracy import build_test_set  # noqa: E402
 
 #: Base seed of the fusion validation set (the test set uses accuracy.TEST_SEED).
 VAL_SEED = 20_261_207
-METRICS = ("mean_iou", "precision", "recall", "f1", "hit_auc")
-#: Scores an unconfirmed TLM instance / SSLM component needs to stay in `joint` (above 1: never).
-TLM_MIN_SCORES = (0.0, 0.7, 0.9, 1.01)
+METRICS = ("mean_iou", "precision", "recall", "f1", "AP", "hit_auc", "fp_area_per_empty_frame")
+#: The columns joint must match or beat on every single model.
+GATE = ("mean_iou", "f1", "AP")
+SINGLE_MODELS = ("tlm", "ssl", "classical")
+#: TLM confidence thresholds tried (PredictorSettings.threshold: the TLM row and joint's TLM input).
+#: The TLM outputs are cached once at CACHE_THRESHOLD and filtered for each.
+THRESHOLDS = (0.4, 0.6, 0.8)
+CACHE_THRESHOLD = 0.3
+#: Scores an unconfirmed TLM instance needs to stay in `joint` (above 1: never).
+TLM_MIN_SCORES = (0.0, 0.9, 1.01)
 #: (score, area) an unconfirmed SSLM component needs to join `joint` (score above 1: never).
-SSL_MINIMA = ((0.5, 0), (0.9, 0), (0.5, 50), (0.5, 200), (1.01, 0))
-#: None: TLM masks as they are; else confirmed instances take SSLM edges this far around them.
-REFINE_MARGINS = (None, 2, 8)
+SSL_MINIMA = ((0.5, 50), (0.9, 0), (1.01, 0))
+#: None: TLM masks as they are; else confirmed instances take SSLM (or classical) edges this far around them.
+REFINE_MARGINS = (None, 2)
+#: How the classical finder joins: None (not at all), or (min score of an added classical-only peak
+#: (above 1: none added), whether confirmed instances take its pixel edges).
+CLASSICAL_MODES = (None, (1.01, False), (0.5, False), (0.75, False), (0.75, True))
+
+
+def make_rules(defaults) -> dict:
+    """name -> PredictorSettings: the default and every rule of the grid."""
+    rules = {"default": defaults}
+    grid = itertools.product(THRESHOLDS, TLM_MIN_SCORES, SSL_MINIMA, REFINE_MARGINS, CLASSICAL_MODES)
+    for threshold, tlm_min, (ssl_min, ssl_area), margin, classical in grid:
+        if classical is not None and classical[1] and margin is None:
+            continue  # classical edges need a refine margin
+        ssl_rule = f"{ssl_min},{ssl_area}px" if ssl_min <= 1 else "never"
+        cl_rule = "no" if classical is None else (
+            ("confirm" if classical[0] > 1 else f"add>={classical[0]}") + ("+edges" if classical[1] else ""))
+        name = (f"t={threshold} tlm>={tlm_min if tlm_min <= 1 else 'never'} ssl>={ssl_rule} "
+                f"refine={'no' if margin is None else margin} cl={cl_rule}")
+        rules[name] = replace(defaults, threshold=threshold, fusion_tlm_min_score=tlm_min,
+                              fusion_ssl_min_score=min(ssl_min, 1.0),
+                              fusion_ssl_min_area=ssl_area, fusion_add_unmatched_ssl=ssl_min <= 1,
+                              fusion_refine_with_ssl=margin is not None, fusion_refine_margin=margin or 0,
+                              fusion_classical=classical is not None,
+                              fusion_classical_min_score=min(classical[0], 1.0) if classical else 0.5,
+                              fusion_add_unmatched_classical=bool(classical and classical[0] <= 1),
+                              fusion_refine_with_classical=bool(classical and classical[1]))
+    return rules
 
 
 def run_models(predictor, label_files: list[Path], batch_size: int) -> dict:
@@ -45,16 +84,17 @@ def run_models(predictor, label_files: list[Path], batch_size: int) -> dict:
 
     from dipid.evaluate import iter_labelled_batches, load_label_sets
 
-    cache = {"gt": [], "valid": [], "tlm": [], "ssl": []}
+    cache = {"gt": [], "valid": [], "tlm": [], "ssl": [], "classical": []}
     label_sets = load_label_sets(label_files)
     with tqdm(total=sum(len(ls) for ls in label_sets), desc="predict", unit="frame") as bar:
         for _, chunk, counts, bad in iter_labelled_batches(label_sets, batch_size):
-            results = predictor.predict_frames(counts, bad_pixels=bad, keep_probability=False)
+            results = predictor.predict_frames(counts, bad_pixels=bad, keep_probability=False, use_classical=True)
             for fl, bad_k, res in zip(chunk, bad, results):
                 cache["gt"].append(fl.masks())
                 cache["valid"].append(~np.asarray(bad_k))
                 cache["tlm"].append(res.tlm)
                 cache["ssl"].append(res.ssl.instances)
+                cache["classical"].append(res.classical)
             bar.update(len(chunk))
     return cache
 
@@ -62,7 +102,12 @@ def run_models(predictor, label_files: list[Path], batch_size: int) -> dict:
 def score(cache: dict, preds: list) -> dict[str, float]:
     from dipid.metrics import evaluate_frames
 
-    return evaluate_frames(cache["gt"], [(p.masks, p.scores) for p in preds], valid=cache["valid"])
+    return evaluate_frames(cache["gt"], [(p.masks, p.scores) for p in preds], valid=cache["valid"], coco_ap=True)
+
+
+def tlm_at(cache: dict, threshold: float) -> list:
+    """The cached TLM instances with score >= threshold."""
+    return [tlm[tlm.scores >= threshold] for tlm in cache["tlm"]]
 
 
 def fuse_all(cache: dict, settings) -> list:
@@ -70,11 +115,23 @@ def fuse_all(cache: dict, settings) -> list:
     from dipid.results import Instances
 
     out = []
-    for tlm, ssl in zip(cache["tlm"], cache["ssl"]):
+    for tlm, ssl, classical in zip(tlm_at(cache, settings.threshold), cache["ssl"], cache["classical"]):
+        third = classical if settings.fusion_classical else None
         masks, scores, sources = fuse_instances(tlm.masks, tlm.scores, ssl.masks, ssl.scores,
-                                                **settings.fusion_options())
+                                                **settings.fusion_options(),
+                                                classical_masks=None if third is None else third.masks,
+                                                classical_scores=None if third is None else third.scores)
         out.append(Instances.from_masks(masks, scores, sources))
     return out
+
+
+#: Cached model outputs per set, shared with the scoring processes (forked).
+_CACHES: dict = {}
+
+
+def _score_rule(job: tuple) -> dict[str, float]:
+    set_name, settings = job
+    return score(_CACHES[set_name], fuse_all(_CACHES[set_name], settings))
 
 
 def main() -> int:
@@ -87,6 +144,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--show", type=int, default=6, help="fusion rules shown, best on validation first")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes scoring the rules")
     parser.add_argument("--write-settings", action="store_true",
                         help="write the chosen rule to settings.json in the weights folder")
     args = parser.parse_args()
@@ -94,8 +152,10 @@ def main() -> int:
 
     from dipid.predict import JointPredictor, PredictorSettings
 
-    # the models' own outputs do not depend on the fusion settings; defaults make the "default" row
-    predictor = JointPredictor.from_pretrained(args.weights, device=args.device, settings=PredictorSettings())
+    # The models' own outputs do not depend on the fusion settings; the TLM's are cached at a low
+    # threshold and filtered for each rule.
+    predictor = JointPredictor.from_pretrained(args.weights, device=args.device,
+                                               settings=PredictorSettings(threshold=CACHE_THRESHOLD))
     if predictor.tlm is None or predictor.sslm is None:
         print(f"{args.weights}: needs both a TLM and an SSLM checkpoint", file=sys.stderr)
         return 2
@@ -105,52 +165,64 @@ def main() -> int:
                               n_frames=args.frames, base_seed=VAL_SEED, prefix="val"),
         "test": build_test_set(args.data / f"{args.test_scans}x{args.frames}", n_scans=args.test_scans, n_frames=args.frames),
     }
-    caches = {name: run_models(predictor, files, args.batch_size) for name, files in sets.items()}
+    global _CACHES
+    _CACHES = {name: run_models(predictor, files, args.batch_size) for name, files in sets.items()}
+    rules = make_rules(defaults)
 
-    rules = {"default": defaults}
-    for tlm_min, (ssl_min, ssl_area), margin in itertools.product(TLM_MIN_SCORES, SSL_MINIMA, REFINE_MARGINS):
-        ssl_rule = f"{ssl_min},{ssl_area}px" if ssl_min <= 1 else "never"
-        name = f"tlm>={tlm_min if tlm_min <= 1 else 'never'} ssl>={ssl_rule} refine={'no' if margin is None else margin}"
-        rules[name] = replace(defaults, fusion_tlm_min_score=tlm_min, fusion_ssl_min_score=min(ssl_min, 1.0),
-                              fusion_ssl_min_area=ssl_area, fusion_add_unmatched_ssl=ssl_min <= 1,
-                              fusion_refine_with_ssl=margin is not None, fusion_refine_margin=margin or 0)
+    def singles(set_name: str) -> dict[str, dict[str, float]]:
+        cache = _CACHES[set_name]
+        rows = {f"tlm@{t}": score(cache, tlm_at(cache, t)) for t in THRESHOLDS}
+        rows.update({m: score(cache, cache[m]) for m in ("ssl", "classical")})
+        return rows
 
-    table: dict[str, dict[str, dict[str, float]]] = {}
-    for set_name, cache in caches.items():
-        table[set_name] = {"tlm": score(cache, cache["tlm"]), "ssl": score(cache, cache["ssl"])}
-        for rule_name, rule in rules.items():
-            table[set_name][f"joint {rule_name}"] = score(cache, fuse_all(cache, rule))
+    # Every rule on validation (in parallel: fusing and scoring is numpy on cached outputs).
+    table = {"val": singles("val"), "test": singles("test")}
+    names = list(rules)
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+        for name, row in zip(names, pool.map(_score_rule, [("val", rules[n]) for n in names], chunksize=4)):
+            table["val"][f"joint {name}"] = row
 
-    def acceptable(set_name: str, row: dict[str, float]) -> bool:
-        best = {m: max(table[set_name]["tlm"][m], table[set_name]["ssl"][m]) for m in ("mean_iou", "f1")}
-        return all(row[m] >= best[m] - 1e-9 for m in best)
+    def acceptable(set_name: str, rule_name: str) -> bool:
+        rule = rules[rule_name.removeprefix("joint ")]
+        rows = table[set_name]
+        best = {m: max(rows[f"tlm@{rule.threshold}"][m] if f"tlm@{rule.threshold}" in rows else 0.0,
+                       rows["ssl"][m], rows["classical"][m]) for m in GATE}
+        return all(rows[rule_name][m] >= best[m] - 1e-9 for m in GATE)
 
     def merit(name: str) -> float:
-        return table["val"][name]["mean_iou"] + table["val"][name]["f1"]
+        return sum(table["val"][name][m] for m in GATE)
 
     joint_rows = sorted((r for r in table["val"] if r.startswith("joint")), key=merit, reverse=True)
-    chosen = next((r for r in joint_rows if acceptable("val", table["val"][r])), None)
-    shown = ["tlm", "ssl", "joint default", *[r for r in joint_rows if r != "joint default"][: args.show]]
+    chosen = next((r for r in joint_rows if acceptable("val", r)), None)
+    fallback = chosen is None
+    if fallback:
+        chosen = joint_rows[0]
+    top = [r for r in joint_rows if r != "joint default"][: args.show]
+    for name in dict.fromkeys(["joint default", chosen, *top]):  # the test set: only the rows shown
+        table["test"][name] = _score_rule(("test", rules[name.removeprefix("joint ")]))
+    shown = [*(f"tlm@{t}" for t in THRESHOLDS), "ssl", "classical", "joint default", *dict.fromkeys([chosen, *top])]
 
     print(f"\nweights {args.weights}; val {args.val_scans} and test {args.test_scans} scans x {args.frames} frames; "
           f"{os.cpu_count()} CPU cores ({platform.machine()})\n")
-    header = f"{'set':5s} {'model':38s}" + "".join(f"{c:>10s}" for c in METRICS) + "  >= best single"
+    short = {"fp_area_per_empty_frame": "fp_px/empty"}
+    header = f"{'set':5s} {'model':64s}" + "".join(f"{short.get(c, c):>12s}" for c in METRICS) + "  >= every single"
     print(header)
     print("-" * len(header))
     for set_name, rows in table.items():
         for model in shown:
             row = rows[model]
-            mark = ("yes" if acceptable(set_name, row) else "no") if model.startswith("joint") else ""
-            star = " *" if model.removeprefix("joint ") == (chosen or "").removeprefix("joint ") and model.startswith("joint") else ""
-            print(f"{set_name:5s} {model + star:38s}" + "".join(f"{row[c]:10.3f}" for c in METRICS) + f"  {mark}")
-    print(f"\n{len(rules)} rules tried; shown: the single models, the default rule and the {args.show} best on "
-          f"validation (mean IoU + F1).\n* chosen on validation: {chosen or 'none acceptable'}")
+            mark = ("yes" if acceptable(set_name, model) else "no") if model.startswith("joint") else ""
+            star = " *" if model == chosen else ""
+            print(f"{set_name:5s} {model + star:64s}" + "".join(f"{row[c]:12.3f}" for c in METRICS) + f"  {mark}")
+    print(f"\n{len(rules)} rules tried on validation; shown: the single models, the default rule and the {args.show} "
+          f"best on validation (mean IoU + F1 + AP).\n* chosen on validation: {chosen}"
+          + (" (NOT acceptable: no rule matched every single model on validation; best by the sum)" if fallback else ""))
     if args.write_settings and chosen:
         from dipid.io.coco import atomic_write_text
         from dipid.predict import SETTINGS_FILE
 
         rule = asdict(rules[chosen.removeprefix("joint ")])
-        tuned = {name: value for name, value in rule.items() if name.startswith("fusion_")}
+        tuned = {name: value for name, value in rule.items() if name.startswith("fusion_") or name == "threshold"}
         path = atomic_write_text(Path(args.weights) / SETTINGS_FILE, json.dumps(tuned, indent=2) + "\n")
         print(f"wrote {path}")
     return 0

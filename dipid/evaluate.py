@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ __all__ = [
 _MODEL_STAGES = {
     "tlm": ("normalize", "tlm"),
     "ssl": ("normalize", "ssl"),
-    "joint": ("normalize", "tlm", "ssl", "fuse"),
+    "joint": ("normalize", "tlm", "ssl", "joint_classical", "fuse"),
     "classical": ("classical",),
 }
 SUMMARY_COLUMNS = ("mean_iou", "precision", "recall", "f1", "AP", "AP50", "hit_auc", "fp_area_per_empty_frame", "frames_per_s")
@@ -134,14 +134,18 @@ class EvaluationReport:
         summary: model -> metric -> value (see :func:`dipid.metrics.evaluate_frames`, plus AP and frames_per_s).
         per_scan: model -> scan -> metric -> value.
         settings: what was evaluated and how (data, tta, thresholds).
+        per_group: model -> group -> metric -> value, COCO AP included, when :func:`evaluate` was
+            given ``group_of`` (e.g. the simulator preset of each scan); empty otherwise.
     """
 
     summary: dict[str, dict[str, float]]
     per_scan: dict[str, dict[str, dict[str, float]]]
     settings: dict[str, Any] = field(default_factory=dict)
+    per_group: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"summary": self.summary, "per_scan": self.per_scan, "settings": self.settings}
+        return {"summary": self.summary, "per_scan": self.per_scan, "settings": self.settings,
+                "per_group": self.per_group}
 
     def to_json(self, path: str | Path) -> Path:
         return atomic_write_text(path, json.dumps(_jsonable(self.to_dict()), indent=2))
@@ -193,6 +197,7 @@ def evaluate(
     batch_size: int = 8,
     coco_ap: bool = True,
     progress: bool = True,
+    group_of: Callable[[str], str] | None = None,
 ) -> EvaluationReport:
     """Run ``predictor`` over every labelled frame of ``data`` and score each model.
 
@@ -201,6 +206,8 @@ def evaluate(
         data: COCO file(s), a folder of them, or LabelSet(s).
         models: subset of tlm/ssl/joint/classical (default: all the predictor can run).
         tta: also predict the flipped and rotated views and merge them (:func:`merge_views`).
+        group_of: scan name -> group name; each group is also scored on its own (``per_group``),
+            from the same predictions.
     """
     from dipid.metrics import evaluate_frames
 
@@ -248,8 +255,17 @@ def evaluate(
         for s in dict.fromkeys(scan_of):
             idx = np.flatnonzero(scan_arr == s)
             per_scan[m][s] = evaluate_frames([gt[i] for i in idx], [preds[m][i] for i in idx], valid=[valid[i] for i in idx])
+    per_group: dict[str, dict[str, dict[str, float]]] = {}
+    if group_of is not None:
+        group_arr = np.asarray([group_of(s) for s in scan_of])
+        for m in models:
+            per_group[m] = {}
+            for g in dict.fromkeys(group_arr.tolist()):
+                idx = np.flatnonzero(group_arr == g)
+                per_group[m][g] = evaluate_frames([gt[i] for i in idx], [preds[m][i] for i in idx],
+                                                  valid=[valid[i] for i in idx], coco_ap=coco_ap)
     settings = {"tta": tta, "models": list(models), "n_frames": len(gt), "parameters": predictor.parameters_dict()}
-    return EvaluationReport(summary=summary, per_scan=per_scan, settings=settings)
+    return EvaluationReport(summary=summary, per_scan=per_scan, settings=settings, per_group=per_group)
 
 
 def _tta_views():

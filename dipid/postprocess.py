@@ -8,6 +8,7 @@ result classes that carry them live with the predictors.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -18,6 +19,7 @@ from dipid.metrics import mask_intersection_matrix, mask_iou_matrix
 __all__ = [
     "SOURCE_TLM",
     "SOURCE_SSL",
+    "SOURCE_CLASSICAL",
     "Components",
     "FusedInstances",
     "masks_to_boxes",
@@ -36,6 +38,8 @@ logger = logging.getLogger(__name__)
 SOURCE_TLM = np.uint8(1)
 #: Bit flag in :attr:`FusedInstances.sources`: the instance was found by the clustering model (SSLM).
 SOURCE_SSL = np.uint8(2)
+#: Bit flag in :attr:`FusedInstances.sources`: the classical finder found the instance.
+SOURCE_CLASSICAL = np.uint8(4)
 
 
 def _masks(masks: np.ndarray, name: str = "masks") -> np.ndarray:
@@ -234,35 +238,47 @@ def fuse_instances(
     refine_with_ssl: bool = False,
     refine_margin: int = 2,
     nms_iou: float = 0.5,
+    classical_masks: np.ndarray | None = None,
+    classical_scores: np.ndarray | None = None,
+    classical_min_score: float = 0.5,
+    classical_min_area: int = 0,
+    add_unmatched_classical: bool = False,
+    refine_with_classical: bool = False,
 ) -> FusedInstances:
-    """Combine Mask R-CNN (TLM) instances with clustering (SSLM) components: dipid's ``joint`` output.
+    """Combine Mask R-CNN (TLM) instances with clustering (SSLM) components, and optionally the
+    classical finder's peaks: dipid's ``joint`` output.
 
-    The rule:
+    The SSLM components and the classical peaks are *evidence* about the TLM's instances; each
+    kind of evidence is used the same way, with its own settings. The rule:
 
-    1. An SSLM component *confirms* a TLM instance when their mask IoU is >= ``match_iou`` or
-       at least half of the component lies inside the instance.
-    2. A confirmed TLM instance is kept with its mask, the score ``1 - (1 - s_tlm)(1 - s_ssl)``
-       (``s_ssl`` the best confirming component's score), i.e. the chance that at least one of
-       two independent detectors is right, and source 3. An unconfirmed one is kept (source 1)
-       when its score is >= ``tlm_min_score`` (0: always; above 1: never, the SSLM must agree).
-    3. With ``refine_with_ssl``, a confirmed instance's mask becomes the union of its confirming
-       components cut to the instance dilated by ``refine_margin`` pixels: clustering draws
+    1. A piece of evidence *confirms* a TLM instance when their mask IoU is >= ``match_iou`` or
+       at least half of the evidence lies inside the instance.
+    2. A confirmed TLM instance is kept with its mask, the score ``1 - (1 - s_tlm) prod_k (1 - s_k)``
+       (``s_k`` the best confirming score of each kind of evidence), i.e. the chance that at
+       least one of independent detectors is right, and the source flags of every detector that
+       agreed. An unconfirmed one is kept (source 1) when its score is >= ``tlm_min_score`` (0:
+       always; above 1: never, another detector must agree).
+    3. With ``refine_with_ssl`` (``refine_with_classical``), a confirmed instance's mask becomes
+       the union of its confirming SSLM components (classical peaks) cut to the instance dilated
+       by ``refine_margin`` pixels: clustering and background-subtracted thresholds draw
        pixel-exact edges where the TLM's 28 x 28 mask head is coarse, and the cut keeps two
        instances that share one component apart. If the cut is empty the TLM mask stays.
-    4. With ``add_unmatched_ssl``, components that confirm no instance are added as instances
-       of their own (source 2) when their score is >= ``ssl_min_score`` and their area is >=
-       ``ssl_min_area`` pixels: peaks the TLM missed (small lone components are mostly noise).
-    5. Mask NMS at ``nms_iou`` (see :func:`mask_nms`) removes duplicates.
+    4. With ``add_unmatched_ssl`` (``add_unmatched_classical``), evidence that confirms no
+       instance is added as an instance of its own (source 2, or 4) when its score is >=
+       ``ssl_min_score`` (``classical_min_score``) and its area is >= ``ssl_min_area``
+       (``classical_min_area``) pixels: peaks the TLM missed (small lone components are mostly noise).
+    5. Mask NMS at ``nms_iou`` (see :func:`mask_nms`) removes duplicates, such as one missed peak
+       added by both the SSLM and the classical finder.
 
-    The two ``*_min_score`` thresholds say how far each model is trusted alone. Which values make
-    ``joint`` at least as good as the better single model depends on the two models' quality, so
-    they are chosen on validation scans for a pair of checkpoints (``benchmarks/fusion.py``) and
-    travel with them (``settings.json`` beside the weights, read by
-    :meth:`dipid.JointPredictor.from_pretrained`).
+    The thresholds say how far each model is trusted alone. Which values make ``joint`` at least
+    as good as every single model depends on the models' quality, so they are chosen on
+    validation scans for a set of checkpoints (``benchmarks/fusion.py``) and travel with them
+    (``settings.json`` beside the weights, read by :meth:`dipid.JointPredictor.from_pretrained`).
 
     Args:
         tlm_masks: (N, H, W) bool; tlm_scores: (N,) float in [0, 1].
-        ssl_masks: (M, H, W) bool; ssl_scores: (M,) float in [0, 1].
+        ssl_masks: (M, H, W) bool; ssl_scores: (M,) float in [0, 1] (M may be 0).
+        classical_masks: (K, H, W) bool or None; classical_scores: (K,) float in [0, 1).
     Returns:
         :class:`FusedInstances` by descending score.
     """
@@ -270,44 +286,80 @@ def fuse_instances(
     if tlm_masks.shape[1:] != ssl_masks.shape[1:]:
         raise ValueError(f"tlm masks are {tlm_masks.shape[1:]}, ssl masks {ssl_masks.shape[1:]}")
     tlm_scores = _scores(tlm_scores, len(tlm_masks), "tlm_scores")
-    ssl_scores = _scores(ssl_scores, len(ssl_masks), "ssl_scores")
+    evidence = [_Evidence(ssl_masks, _scores(ssl_scores, len(ssl_masks), "ssl_scores"), SOURCE_SSL, ssl_min_score,
+                          ssl_min_area, add_unmatched_ssl, refine_with_ssl)]
+    if classical_masks is not None:
+        classical_masks = _masks(classical_masks, "classical_masks")
+        if classical_masks.shape[1:] != tlm_masks.shape[1:]:
+            raise ValueError(f"tlm masks are {tlm_masks.shape[1:]}, classical masks {classical_masks.shape[1:]}")
+        evidence.append(_Evidence(classical_masks, _scores(classical_scores, len(classical_masks), "classical_scores"),
+                                  SOURCE_CLASSICAL, classical_min_score, classical_min_area, add_unmatched_classical,
+                                  refine_with_classical))
 
-    inter = mask_intersection_matrix(tlm_masks, ssl_masks)  # (N, M)
     tlm_area = instance_areas(tlm_masks)
-    ssl_area = instance_areas(ssl_masks)
-    union = tlm_area[:, None] + ssl_area[None, :] - inter
-    iou = inter / np.maximum(union, 1)
-    ssl_inside_fraction = inter / np.maximum(ssl_area, 1)[None, :]
-    confirms = (inter > 0) & ((iou >= match_iou) | (ssl_inside_fraction >= 0.5))  # (N, M)
-
     masks = tlm_masks.copy()
     scores = tlm_scores.astype(np.float64)
     sources = np.full(len(tlm_masks), SOURCE_TLM, np.uint8)
-    confirmed = confirms.any(axis=1)
-    if confirmed.any():
-        best_ssl = np.where(confirms, ssl_scores[None, :], -np.inf).max(axis=1)
-        scores[confirmed] = _combined_confidence(scores[confirmed], best_ssl[confirmed].astype(np.float64))
-        sources[confirmed] |= SOURCE_SSL
-    if refine_with_ssl:
+    confirmed = np.zeros(len(tlm_masks), bool)
+    refine_with = np.zeros(tlm_masks.shape, bool) if len(tlm_masks) else tlm_masks.copy()
+    for ev in evidence:
+        ev.confirms = _confirmations(tlm_masks, tlm_area, ev.masks, match_iou)  # (N, M)
+        hit = ev.confirms.any(axis=1)
+        if hit.any():
+            best = np.where(ev.confirms, ev.scores[None, :], -np.inf).max(axis=1)
+            scores[hit] = _combined_confidence(scores[hit], best[hit].astype(np.float64))
+            sources[hit] |= ev.flag
+            if ev.refine:
+                for i in np.flatnonzero(hit):
+                    refine_with[i] |= ev.masks[ev.confirms[i]].any(axis=0)
+        confirmed |= hit
+    if refine_with.any():
         structure = ndimage.generate_binary_structure(2, 2)
-        for i in np.flatnonzero(confirmed):
+        for i in np.flatnonzero(refine_with.any(axis=(1, 2))):
             reach = ndimage.binary_dilation(tlm_masks[i], structure=structure, iterations=max(refine_margin, 0)) \
                 if refine_margin > 0 else tlm_masks[i]
-            refined = ssl_masks[confirms[i]].any(axis=0) & reach
+            refined = refine_with[i] & reach
             if refined.any():
                 masks[i] = refined
 
     kept_tlm = confirmed | (tlm_scores >= tlm_min_score)
     masks, scores, sources = masks[kept_tlm], scores[kept_tlm], sources[kept_tlm]
-    if add_unmatched_ssl:
-        new = np.flatnonzero(~confirms.any(axis=0) & (ssl_scores >= ssl_min_score) & (ssl_area >= ssl_min_area))
+    for ev in evidence:
+        if not ev.add_unmatched:
+            continue
+        area = instance_areas(ev.masks)
+        new = np.flatnonzero(~ev.confirms.any(axis=0) & (ev.scores >= ev.min_score) & (area >= ev.min_area))
         if new.size:
-            masks = np.concatenate([masks, ssl_masks[new]])
-            scores = np.concatenate([scores, ssl_scores[new].astype(np.float64)])
-            sources = np.concatenate([sources, np.full(new.size, SOURCE_SSL, np.uint8)])
+            masks = np.concatenate([masks, ev.masks[new]])
+            scores = np.concatenate([scores, ev.scores[new].astype(np.float64)])
+            sources = np.concatenate([sources, np.full(new.size, ev.flag, np.uint8)])
 
     scores32 = scores.astype(np.float32)
     keep = mask_nms(masks, scores32, iou_threshold=nms_iou)
-    logger.debug("fused %d TLM + %d SSLM -> %d instances (%d confirmed)",
-                 len(tlm_masks), len(ssl_masks), keep.size, int(confirmed.sum()))
+    logger.debug("fused %d TLM + %s -> %d instances (%d confirmed)", len(tlm_masks),
+                 " + ".join(str(len(ev.masks)) for ev in evidence), keep.size, int(confirmed.sum()))
     return FusedInstances(masks[keep], scores32[keep], sources[keep])
+
+
+@dataclass
+class _Evidence:
+    """One kind of evidence fused with the TLM's instances, and how far it is trusted."""
+
+    masks: np.ndarray
+    scores: np.ndarray
+    flag: np.uint8
+    min_score: float
+    min_area: int
+    add_unmatched: bool
+    refine: bool
+    confirms: np.ndarray | None = None
+
+
+def _confirmations(tlm_masks: np.ndarray, tlm_area: np.ndarray, other: np.ndarray, match_iou: float) -> np.ndarray:
+    """(N, M) bool: other mask j confirms TLM instance i (IoU >= match_iou or half of j inside i)."""
+    inter = mask_intersection_matrix(tlm_masks, other)
+    other_area = instance_areas(other)
+    union = tlm_area[:, None] + other_area[None, :] - inter
+    iou = inter / np.maximum(union, 1)
+    inside_fraction = inter / np.maximum(other_area, 1)[None, :]
+    return (inter > 0) & ((iou >= match_iou) | (inside_fraction >= 0.5))

@@ -78,6 +78,15 @@ class PredictorSettings:
         fusion_refine_with_ssl: whether a confirmed TLM instance takes the pixel edges of its
             confirming SSLM components (see :func:`dipid.postprocess.fuse_instances`).
         fusion_refine_margin: pixels around a TLM instance its refined mask may reach.
+        fusion_classical: run the classical finder (:func:`dipid.classical.find_peaks_classical`)
+            as a third source of evidence for `joint`; the ``fusion_classical_*`` settings say how
+            it is used (confirmation, added peaks, pixel edges; see
+            :func:`dipid.postprocess.fuse_instances`).
+        fusion_classical_min_score, fusion_classical_min_area: what a classical peak no TLM
+            instance matches needs to join `joint` (when ``fusion_add_unmatched_classical``).
+        fusion_add_unmatched_classical: whether classical-only peaks join `joint`.
+        fusion_refine_with_classical: whether a TLM instance a classical peak confirms takes its
+            pixel edges.
         tile_size: frames with a side longer than this are predicted in overlapping tiles (pixels).
         tile_overlap: pixels shared by neighbouring tiles; peaks smaller than this are never cut.
         amp: on CUDA, run the networks under bf16 autocast (float32 on the CPU regardless).
@@ -100,6 +109,11 @@ class PredictorSettings:
     fusion_add_unmatched_ssl: bool = True
     fusion_refine_with_ssl: bool = False
     fusion_refine_margin: int = 2
+    fusion_classical: bool = False
+    fusion_classical_min_score: float = 0.5
+    fusion_classical_min_area: int = 0
+    fusion_add_unmatched_classical: bool = False
+    fusion_refine_with_classical: bool = False
     tile_size: int = 512
     tile_overlap: int = 64
     amp: bool = True
@@ -113,6 +127,9 @@ class PredictorSettings:
             ssl_min_score=self.fusion_ssl_min_score, ssl_min_area=self.fusion_ssl_min_area,
             add_unmatched_ssl=self.fusion_add_unmatched_ssl, refine_with_ssl=self.fusion_refine_with_ssl,
             refine_margin=self.fusion_refine_margin, nms_iou=self.nms_iou,
+            classical_min_score=self.fusion_classical_min_score, classical_min_area=self.fusion_classical_min_area,
+            add_unmatched_classical=self.fusion_add_unmatched_classical,
+            refine_with_classical=self.fusion_refine_with_classical,
         )
 
 
@@ -293,16 +310,24 @@ class JointPredictor:
             timings["ssl"] = time.perf_counter() - t0
 
         classical_sets: list[Instances | None] = [None] * batch
-        if use_classical:
+        # The classical finder also runs when joint fuses it in, but is reported only when asked for.
+        classical_for_joint = self.settings.fusion_classical and use_tlm and use_ssl
+        if use_classical or classical_for_joint:
             t0 = time.perf_counter()
             found = self.classical(counts_t.cpu().numpy(), bad_pixels)
             classical_sets = [Instances.from_masks(r.masks, r.scores, SOURCE_FLAGS["classical"]) for r in found]
-            timings["classical"] = time.perf_counter() - t0
+            seconds = time.perf_counter() - t0
+            if use_classical:
+                timings["classical"] = seconds
+            if classical_for_joint:
+                timings["joint_classical"] = seconds  # joint's cost includes the finder it fuses in
 
         t0 = time.perf_counter()
         joint_sets = [
             self._fuse(tlm_sets[b], ssl_outputs[b], classical_sets[b], shape, use_nms=use_nms) for b in range(batch)
         ]
+        if not use_classical:
+            classical_sets = [None] * batch
         timings["fuse"] = time.perf_counter() - t0
 
         per_frame = {k: v / batch for k, v in timings.items()}
@@ -418,8 +443,11 @@ class JointPredictor:
 
         s = self.settings
         if tlm is not None and ssl is not None:
+            third = classical if s.fusion_classical and classical is not None else None
             masks, scores, sources = fuse_instances(
-                tlm.masks, tlm.scores, ssl.instances.masks, ssl.instances.scores, **s.fusion_options())
+                tlm.masks, tlm.scores, ssl.instances.masks, ssl.instances.scores, **s.fusion_options(),
+                classical_masks=None if third is None else third.masks,
+                classical_scores=None if third is None else third.scores)
             return Instances.from_masks(masks, scores, sources)
         single = tlm if tlm is not None else (ssl.instances if ssl is not None else classical)
         if single is None:
@@ -466,7 +494,12 @@ class JointPredictor:
         """Predict frames ``start_val`` .. ``end_val - 1`` of a scan (all by default).
 
         Frames are read in batches from the open file by a background thread while the models
-        work. ``progress=None`` shows a bar for scans of more than 20 frames.
+        work. ``progress=None`` shows a bar for scans of more than 20 frames. NaN/inf pixels and
+        frames that are all zero or have no good pixel give a :class:`dipid.errors.BadPixelWarning`
+        (see :meth:`dipid.io.Scan.check_frames`).
+
+        Raises:
+            NoValidPixelsError: no pixel of any predicted frame holds a measurement.
         """
         from dipid.io import Scan, open_scan
 
@@ -485,6 +518,7 @@ class JointPredictor:
                 ):
                     frames[result.frame] = result
                 bar.update(len(batch.frames))
+        scan.check_frames(start, stop)  # warnings about NaN / empty frames; NoValidPixelsError if nothing was measurable
         axis = scan.axis
         models = [m for m, on in (("tlm", use_tlm and self.tlm is not None), ("ssl", use_ssl and self.sslm is not None),
                                   ("classical", use_classical)) if on]

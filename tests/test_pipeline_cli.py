@@ -116,3 +116,23 @@ def test_evaluate_command_writes_report(scans, tmp_path, capsys):
     summary = doc["summary"]["classical"]
     assert 0.0 <= summary["mean_iou"] <= 1.0 and summary["n_frames"] == 16
     assert set(doc["per_scan"]["classical"]) == {"scan1.nxs", "scan2.nxs"}
+
+
+def test_evaluate_groups_score_subsets_of_the_same_predictions(scans):
+    from dipid.evaluate import evaluate
+    from dipid.predict import JointPredictor
+
+    labels = [Path(s).with_name(Path(s).stem + "_labels.json") for s in scans]
+    predictor = JointPredictor(device="cpu")
+    grouped = evaluate(predictor, labels, models=["classical"], progress=False,
+                       group_of=lambda scan: Path(scan).stem)  # one group per scan
+    groups = grouped.per_group["classical"]
+    assert set(groups) == {"scan1", "scan2"}
+    for name in ("scan1", "scan2"):
+        alone = evaluate(predictor, [labels[int(name[-1]) - 1]], models=["classical"], progress=False)
+        for metric in ("mean_iou", "f1", "AP"):
+            assert groups[name][metric] == pytest.approx(alone.summary["classical"][metric], nan_ok=True)
+    plain = evaluate(predictor, labels, models=["classical"], progress=False)
+    untimed = lambda summary: {k: v for k, v in summary["classical"].items() if k != "frames_per_s"}  # noqa: E731
+    assert untimed(grouped.summary) == untimed(plain.summary)
+    assert plain.per_group == {}

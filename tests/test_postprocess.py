@@ -7,6 +7,7 @@ import pytest
 
 from dipid.io.coco import FrameLabels
 from dipid.postprocess import (
+    SOURCE_CLASSICAL,
     SOURCE_SSL,
     SOURCE_TLM,
     binarize_masks,
@@ -229,3 +230,36 @@ def test_fuse_instances_nms_and_empty_inputs():
     assert nothing.masks.shape == (0, *shape) and nothing.scores.shape == (0,) and nothing.sources.shape == (0,)
     with pytest.raises(ValueError):
         fuse_instances(tm, np.array([0.9, 0.5]), np.zeros((0, 9, 9), bool), np.zeros(0))
+
+
+def test_fuse_instances_classical_confirms_adds_and_refines():
+    (tm, ts), _ = _fusion_case()
+    shape = SHAPE_FUSION
+    no_ssl = (np.zeros((0, *shape), bool), np.zeros(0))
+    c0 = box_mask(slice(3, 8), slice(3, 8), shape)      # 25 px inside t0 (36 px): confirms it
+    c1 = box_mask(slice(30, 34), slice(30, 34), shape)  # a peak the TLM missed, score 0.8
+    c2 = box_mask(slice(30, 33), slice(2, 5), shape)    # another, score 0.4
+    cm, cs = np.stack([c0, c1, c2]), np.array([0.5, 0.8, 0.4])
+    # confirmation only: t0 keeps its TLM mask, gains the classical flag and 1 - 0.2 * 0.5 = 0.9;
+    # t1 (0.6) is unconfirmed and dropped by tlm_min_score 0.7; nothing is added
+    masks, scores, sources = fuse_instances(tm, ts, *no_ssl, tlm_min_score=0.7, classical_masks=cm,
+                                            classical_scores=cs)
+    np.testing.assert_allclose(scores, [0.9], rtol=1e-6)
+    np.testing.assert_array_equal(sources, [1 | SOURCE_CLASSICAL])
+    np.testing.assert_array_equal(masks[0], tm[0])
+    # added peaks above their minimum score, flagged classical only; edges from the classical mask
+    masks, scores, sources = fuse_instances(tm, ts, *no_ssl, tlm_min_score=0.7, classical_masks=cm,
+                                            classical_scores=cs, add_unmatched_classical=True,
+                                            classical_min_score=0.5, refine_with_classical=True, refine_margin=1)
+    np.testing.assert_allclose(scores, [0.9, 0.8], rtol=1e-6)
+    np.testing.assert_array_equal(sources, [1 | SOURCE_CLASSICAL, SOURCE_CLASSICAL])
+    np.testing.assert_array_equal(masks[0], c0)
+    np.testing.assert_array_equal(masks[1], c1)
+    # with the SSLM too, a TLM instance both confirm gets both flags and both scores combined
+    (_, _), (sm, ss) = _fusion_case()
+    _, scores, sources = fuse_instances(tm, ts, sm, ss, add_unmatched_ssl=False, classical_masks=cm,
+                                        classical_scores=cs)
+    np.testing.assert_allclose(scores[0], 1 - 0.2 * 0.5 * 0.5, rtol=1e-6)
+    assert sources[0] == 1 | 2 | SOURCE_CLASSICAL
+    with pytest.raises(ValueError, match="classical"):
+        fuse_instances(tm, ts, *no_ssl, classical_masks=cm[:, :5], classical_scores=cs)

@@ -170,3 +170,30 @@ def test_large_frame_tiles_merge_peaks_on_borders():
 
     iou = mask_iou_matrix(found.masks, whole.classical.masks)
     assert np.all(iou.max(axis=1) > 0.9)
+
+
+def test_classical_finder_as_third_source_of_joint(predictor, sim_scan):
+    """fusion_classical: joint takes classical peaks (flag 4) as evidence, reported only when asked for."""
+    from dataclasses import replace
+
+    from dipid.results import SOURCE_FLAGS
+
+    sim, _ = sim_scan
+    counts = sim.frames[:3].astype(np.float32).clip(min=0)
+    # Nothing from the untrained networks survives, and every classical peak joins joint.
+    settings = replace(predictor.settings, threshold=1.0, fusion_tlm_min_score=1.01, fusion_add_unmatched_ssl=False,
+                       fusion_classical=True, fusion_add_unmatched_classical=True, fusion_classical_min_score=0.0)
+    fused = JointPredictor(tlm=predictor.tlm, sslm=predictor.sslm, device="cpu", settings=settings)
+    results = fused.predict_frames(counts)
+    plain = fused.predict_frames(counts, use_classical=True)
+    classical_peaks = sum(len(r.classical) for r in plain)
+    assert classical_peaks > 0  # the realistic scan has peaks the finder sees
+    for with_joint_only, with_classical in zip(results, plain):
+        assert with_joint_only.classical is None  # computed for joint, not reported
+        assert "joint_classical" in with_joint_only.timings and "classical" not in with_joint_only.timings
+        assert len(with_joint_only.joint) == len(with_classical.classical)
+        assert all(int(s) == SOURCE_FLAGS["classical"] for s in with_joint_only.joint.sources)
+    # switched off, joint has none of them
+    off = JointPredictor(tlm=predictor.tlm, sslm=predictor.sslm, device="cpu",
+                         settings=replace(settings, fusion_classical=False))
+    assert all(len(r.joint) == 0 for r in off.predict_frames(counts))
