@@ -291,9 +291,11 @@ class JointPredictor:
             ]
         timings: dict[str, float] = {}
 
-        t0 = time.perf_counter()
-        x = normalize_counts(counts_t.to(self.device, non_blocking=True))[:, None]  # (B, 1, H, W)
-        timings["normalize"] = time.perf_counter() - t0
+        x = None
+        if use_tlm or use_ssl:  # the networks' input; the classical finder works on counts
+            t0 = time.perf_counter()
+            x = normalize_counts(counts_t.to(self.device, non_blocking=True))[:, None]  # (B, 1, H, W)
+            timings["normalize"] = time.perf_counter() - t0
 
         tlm_sets: list[Instances | None] = [None] * batch
         if use_tlm:

@@ -200,3 +200,28 @@ def test_read_errors_name_the_file_and_what_to_do(tmp_path):
         h5.create_group("entry")
     with pytest.raises(ScanError, match=r"scan.nxs \[/entry/results/peak_labels\].*dipid predict"):
         read_results_nexus(other)
+
+
+def test_peak_of_instances_matches_the_whole_frame_maximum():
+    """The box-local lookup gives what scipy's labelled maximum over the whole frame gives, overlaps included."""
+    from scipy import ndimage
+
+    from dipid.io.results_nexus import _peak_of_instances
+    from dipid.results import Instances
+
+    rng = np.random.default_rng(4)
+    shape = (40, 60)
+    peak_labels = np.zeros(shape, np.int32)
+    peak_labels[5:20, 10:30] = 3
+    peak_labels[22:35, 35:55] = 7
+    masks = np.zeros((5, *shape), bool)
+    masks[0, 8:18, 12:25] = True    # inside peak 3
+    masks[1, 25:30, 40:50] = True   # inside peak 7
+    masks[2, 10:12, 14:16] = True   # entirely under instance 0: loses every pixel -> 0
+    masks[3, 1:4, 1:4] = True       # outside every peak -> 0
+    masks[4, 15:25, 25:40] = True   # spans both peaks: the larger id
+    inst = Instances.from_masks(masks, rng.random(5).astype(np.float32), 1)
+    labels = inst.label_image()
+    expected = np.nan_to_num(np.asarray(ndimage.maximum(peak_labels, labels, np.arange(1, len(inst) + 1)), float))
+    assert _peak_of_instances(peak_labels, labels, inst.boxes) == [int(v) for v in expected]
+    assert [int(v) for v in expected][2:4] == [0, 0] and int(expected[4]) == 7
