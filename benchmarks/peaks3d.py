@@ -8,6 +8,8 @@ For each seed a ``realistic`` Pilatus scan is simulated; per-frame instances are
 - ``perturbed``: the truth with one interior frame of every reflection of >= 3 frames dropped
   and each mask randomly eroded or dilated by one pixel (linked with and without gap bridging),
 - ``classical``: :class:`dipid.classical.ClassicalFinder` on the filled frames,
+- ``joint`` (and ``tlm``, ``ssl``) with ``--weights``: :class:`dipid.JointPredictor` with those
+  weights (and their ``settings.json``) on the filled frames,
 
 then linked with :func:`dipid.volume.link_peaks_3d` (``CC`` rows: ``min_overlap=0``, plain
 connected components; the others the default ``min_overlap=0.5``; ``max_gap=1`` and
@@ -20,7 +22,7 @@ footprint.
 
 Usage::
 
-    python benchmarks/peaks3d.py --seeds 10 --frames 61 [--iou 0.5] [--no-classical]
+    python benchmarks/peaks3d.py --seeds 10 --frames 61 [--iou 0.5] [--no-classical] [--weights weights]
 """
 
 from __future__ import annotations
@@ -97,6 +99,22 @@ def classical_instance_labels(sim) -> np.ndarray:
     return labels
 
 
+def predictor_instance_labels(predictor, sim, models: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """(F, H, W) int32 per-frame instance labels of each model of a JointPredictor."""
+    from dipid.io import fill_bad_pixels
+
+    bad = sim.bad_pixels
+    filled = fill_bad_pixels(sim.frames, bad).astype(np.float32)
+    out = {m: np.zeros(sim.frames.shape, np.int32) for m in models}
+    for start in range(0, len(filled), 8):
+        results = predictor.predict_frames(filled[start:start + 8], bad_pixels=bad[start:start + 8],
+                                           keep_probability=False)
+        for k, res in enumerate(results):
+            for m in models:
+                out[m][start + k] = res.instances(m).label_image()
+    return out
+
+
 def intensity_errors(pred: np.ndarray, truth: np.ndarray, matches: np.ndarray, sim) -> list[float]:
     """|relative error| of peaks_table intensities of matched peaks against the background oracle."""
     if not len(matches):
@@ -119,7 +137,14 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=61)
     parser.add_argument("--iou", type=float, default=0.5)
     parser.add_argument("--no-classical", action="store_true")
+    parser.add_argument("--weights", default=None, help="also link the joint/tlm/ssl peaks of these weights")
     args = parser.parse_args()
+    predictor, net_models = None, ()
+    if args.weights:
+        from dipid.predict import JointPredictor
+
+        predictor = JointPredictor.from_pretrained(args.weights, device="cpu")
+        net_models = tuple(m for m in predictor.available_models if m != "classical")
 
     # (instance stack, max_gap, min_overlap, min_frames) per row
     rows = {
@@ -136,6 +161,9 @@ def main() -> None:
         rows["classical, CC"] = ("classical", 1, 0.0, 1)
         rows["classical"] = ("classical", 1, 0.5, 1)
         rows["classical frames>=2"] = ("classical", 1, 0.5, 2)
+    for model in net_models:
+        rows[model] = (model, 1, 0.5, 1)
+        rows[f"{model} frames>=2"] = (model, 1, 0.5, 2)
     totals = {row: {"tp": 0, "fp": 0, "fn": 0, "iou": [], "ierr": []} for row in rows}
     n_reflections = 0
     started = time.perf_counter()
@@ -152,6 +180,8 @@ def main() -> None:
         }
         if not args.no_classical:
             stacks["classical"] = classical_instance_labels(sim)
+        if predictor is not None:
+            stacks.update(predictor_instance_labels(predictor, sim, net_models))
         for row, (stack_name, gap, overlap, min_frames) in rows.items():
             pred = link_peaks_3d(stacks[stack_name], max_gap=gap, min_overlap=overlap, min_frames=min_frames)
             result = match_peaks_3d(pred, truth, iou_threshold=args.iou)
