@@ -44,8 +44,8 @@ class DipidError(Exception):
     """Base class of every error dipid raises on purpose."""
 
 
-class ScanError(DipidError):
-    """A scan file cannot be read.
+class _InFile:
+    """Mixin of the exceptions and warnings about one place in a file: ``"<file> [<path in file>]: <message>"``.
 
     Attributes:
         file: the file on disk the problem is in.
@@ -62,6 +62,10 @@ class ScanError(DipidError):
             where.append(f"[{path_in_file}]")
         prefix = " ".join(where)
         super().__init__(f"{prefix}: {message}" if prefix else message)
+
+
+class ScanError(_InFile, DipidError):
+    """A scan file cannot be read (``file`` and ``path_in_file`` say where)."""
 
 
 class ScanFileNotFoundError(ScanError, FileNotFoundError):
@@ -141,24 +145,10 @@ class DipidWarning(UserWarning):
     """Base class of every warning dipid issues on purpose."""
 
 
-class ScanWarning(DipidWarning):
-    """Something is wrong with a scan that dipid works around; the message says what it did.
+class ScanWarning(_InFile, DipidWarning):
+    """Something is wrong with a scan that dipid works around; the message says what it did
+    (``file`` and ``path_in_file`` say where)."""
 
-    Attributes:
-        file: the file on disk the problem is in.
-        path_in_file: the HDF5 path inside it, when there is one.
-    """
-
-    def __init__(self, message: str, *, file: str | Path | None = None, path_in_file: str | None = None):
-        self.file = None if file is None else Path(file)
-        self.path_in_file = path_in_file
-        where = []
-        if file is not None:
-            where.append(str(file))
-        if path_in_file:
-            where.append(f"[{path_in_file}]")
-        prefix = " ".join(where)
-        super().__init__(f"{prefix}: {message}" if prefix else message)
 
 
 class BadPixelWarning(ScanWarning):
