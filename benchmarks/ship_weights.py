@@ -66,7 +66,7 @@ def main() -> int:
     from accuracy import build_test_set
 
     from dipid.evaluate import evaluate
-    from dipid.predict import WEIGHT_FILES, JointPredictor
+    from dipid.predict import SETTINGS_FILE, WEIGHT_FILES, JointPredictor, PredictorSettings, read_settings
 
     args.out.mkdir(parents=True, exist_ok=True)
     shipped = {}
@@ -85,8 +85,11 @@ def main() -> int:
         print(f"\nfp32 vs stored TLM on {args.check_scans} x {args.check_frames} test frames (CPU):")
         print(f"{'TLM':10s}{'mean_iou':>10s}{'f1':>10s}{'AP':>10s}")
         rows = {}
+        settings_path = args.out / SETTINGS_FILE  # the threshold the shipped TLM runs at, when chosen
+        settings = PredictorSettings(**read_settings(settings_path)) if settings_path.is_file() else PredictorSettings()
+        print(f"(TLM threshold {settings.threshold}{' from ' + str(settings_path) if settings_path.is_file() else ''})")
         for name, path in (("fp32", shipped["tlm"][0]), ("stored", shipped["tlm"][1])):
-            predictor = JointPredictor.from_pretrained(path, device="cpu")
+            predictor = JointPredictor.from_pretrained(path, device="cpu", settings=settings)
             row = evaluate(predictor, labels, models=["tlm"], progress=False).summary["tlm"]
             rows[name] = row
             print(f"{name:10s}{row['mean_iou']:10.4f}{row['f1']:10.4f}{row['AP']:10.4f}")

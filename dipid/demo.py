@@ -53,14 +53,17 @@ class DemoReport:
 
 def _choose_model(device: str) -> tuple[str, str]:
     """(pipeline model name, sentence saying why)."""
-    from dipid.predict import JointPredictor
+    from dipid.predict import DEFAULT_WEIGHTS_DIR, JointPredictor
 
     try:
-        JointPredictor.from_pretrained(device=device)
+        predictor = JointPredictor.from_pretrained(device=device)
     except WeightsNotFoundError:
         return "classical", ("classical baseline: no trained weights are shipped in weights/ yet "
                              "(train them with `dipid train tlm` / `dipid train sslm`)")
-    return "joint", "joint (TLM + SSLM, shipped weights)"
+    parts = [name for name, model in (("TLM", predictor.tlm), ("SSLM", predictor.sslm)) if model is not None]
+    if predictor.settings.fusion_classical:
+        parts.append("classical finder")
+    return "joint", f"joint ({' + '.join(parts)}, shipped weights in {DEFAULT_WEIGHTS_DIR})"
 
 
 def run_demo(out: str | Path = "dipid-demo", *, seed: int = 7, frames: int = 61, device: str = "auto") -> DemoReport:

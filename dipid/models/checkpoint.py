@@ -15,7 +15,9 @@ so :func:`load_checkpoint` rebuilds the right model from the file alone.
 ``INT8_MIN_ELEMENTS`` elements (convolution and linear weights: 99 % of a ResNet-50 Mask R-CNN)
 as symmetric per-output-channel int8 (:func:`quantize_per_channel`), with its float32 scales in a
 companion tensor ``<name>::scale`` in the same file; smaller tensors (biases, BatchNorm
-statistics) stay float32. Reading dequantises (:func:`dequantize_per_channel`), so a model
+statistics) and the final layers that turn features into scores (``INT8_KEEP_FLOAT``: the RPN
+and box/mask predictors, 3 MB together) stay float32, because a score that moves across the
+confidence threshold adds or removes a whole peak. Reading dequantises (:func:`dequantize_per_channel`), so a model
 loaded from such a file is an ordinary float32 model, 4x smaller on disk. Nothing is ever
 unpickled. Files are written to a temporary file in the target folder and renamed into place,
 so a crash never leaves a half-written checkpoint under the final name.
@@ -68,6 +70,8 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat
 SCALE_SUFFIX = "::scale"
 #: Floating tensors smaller than this stay float32 in an int8 checkpoint (biases, norms: tiny and sensitive).
 INT8_MIN_ELEMENTS = 1024
+#: Name fragments of tensors that stay float32 in an int8 checkpoint: the layers whose outputs are scores.
+INT8_KEEP_FLOAT = ("rpn.head.", "box_predictor.", "mask_predictor.")
 
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,7 +187,7 @@ def save_checkpoint(
     for key, value in model.state_dict().items():
         value = value.detach().to("cpu")
         if dtype is torch.int8 and value.is_floating_point():
-            if value.dim() >= 2 and value.numel() >= INT8_MIN_ELEMENTS:
+            if value.dim() >= 2 and value.numel() >= INT8_MIN_ELEMENTS and not any(f in key for f in INT8_KEEP_FLOAT):
                 value, tensors[key + SCALE_SUFFIX] = quantize_per_channel(value)
             else:
                 value = value.float()
