@@ -985,22 +985,14 @@ def _snr_at(frame: np.ndarray, state: _PixelState, grid: _CellGrid, r: np.ndarra
         rows = (_interpolate_rows(grid.level, h, grid.cell), _interpolate_rows(grid.spread, h, grid.cell))
     rows_level, rows_spread = rows
     centre = (r + rad) * width + (c + rad)
-    marks, excess_buffer = state.marks.reshape(-1), state.excess.reshape(-1)
-    steps = np.arange(-rad, rad + 1)
-    for dr in steps:
-        for dc in steps:
-            marks[centre + (dr * width + dc)] = True
-    needed = np.flatnonzero(marks)
-    marks[needed] = False
-    nr, nc = np.divmod(needed, width)
-    nr -= rad
-    nc -= rad
-    keep = (nr >= 0) & (nr < h) & (nc >= 0) & (nc < w)
-    keep[keep] = state.valid[nr[keep], nc[keep]]
+    excess_buffer = state.excess.reshape(-1)
+    needed, nr, nc = _square_neighbourhood(state.marks.reshape(-1), centre, rad, width, (h, w))
+    keep = state.valid[nr, nc]
     needed, nr, nc = needed[keep], nr[keep], nc[keep]
     background = np.maximum(_interpolate_at(rows_level, (h, w), grid.cell, nr, nc), 0.0)
     excess_buffer[needed] = frame[nr, nc] - background
     total = None
+    steps = np.arange(-rad, rad + 1)
     for dc in steps:  # the same order of float32 additions as the full-frame box sum
         column = excess_buffer[centre + (-rad * width + dc)]
         for dr in steps[1:]:
@@ -1141,17 +1133,32 @@ def _excluded_pixels(seg: _Segmentation, margin: int, marks: np.ndarray) -> tupl
     width = marks.shape[1]
     h, w = marks.shape[0] - 2 * margin, width - 2 * margin
     centre = (r + margin) * width + (c + margin)
-    flat = marks.reshape(-1)
-    for dr in range(-margin, margin + 1):
-        for dc in range(-margin, margin + 1):
-            flat[centre + (dr * width + dc)] = True
-    marked = np.flatnonzero(flat)
-    flat[marked] = False
-    rr, cc = np.divmod(marked, width)
-    rr -= margin
-    cc -= margin
-    inside = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
-    return rr[inside], cc[inside]
+    _, rr, cc = _square_neighbourhood(marks.reshape(-1), centre, margin, width, (h, w))
+    return rr, cc
+
+
+def _square_neighbourhood(marks: np.ndarray, centre: np.ndarray, radius: int, width: int,
+                          shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every pixel within a (2 radius + 1)^2 square of some centre, once each, in raster order.
+
+    Args:
+        marks: flat bool work buffer of a frame padded by ``radius`` on every side (rows of
+            ``width`` = W + 2 radius), all False; left all False.
+        centre: flat indices of the centres in the padded buffer; shape: (H, W) of the frame.
+    Returns:
+        flat indices into the padded buffer, and frame rows and cols, of the pixels inside the frame.
+    """
+    h, w = shape
+    for dr in range(-radius, radius + 1):
+        for dc in range(-radius, radius + 1):
+            marks[centre + (dr * width + dc)] = True
+    flat = np.flatnonzero(marks)
+    marks[flat] = False
+    rows, cols = np.divmod(flat, width)
+    rows -= radius
+    cols -= radius
+    inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
+    return flat[inside], rows[inside], cols[inside]
 
 
 def _grid_without(

@@ -58,11 +58,8 @@ def _freeze(value: str) -> str | int:
 
 
 def cmd_train_tlm(args: argparse.Namespace) -> int:
-    from dipid.train.datasets import load_training_data
     from dipid.train.tlm import train_tlm
 
-    for spec in (args.train, args.val):  # bad label files fail here, before the run folder is made
-        load_training_data(spec)
     summary = train_tlm(
         train=args.train, val=args.val, out=args.out, base_weights=args.base_weights, freeze=args.freeze,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=args.device, amp=args.amp, seed=args.seed,

@@ -352,12 +352,15 @@ def train_tlm(
 def run_tlm_training(opts: TLMTrainOptions, *, callback: Callable[[TrainEvent], None] | None = None) -> RunSummary:
     """Run (or resume) the training described by ``opts``; see :func:`train_tlm`."""
     started = time.perf_counter()
+    # The data first: bad label files stop the run before its folder is made.
+    train_data = _load_dataset(opts.train, augment=opts.augment, seed=opts.seed)
+    val_data = _load_dataset(opts.val, augment=False, seed=derive_seed(opts.seed, "val"))
     folder = RunFolder(Path(opts.out))
     existing = folder.prepare(resume=opts.resume, kind="tlm")
     progress = RunProgress(unit="epoch")
     with training_guard(folder.path, progress=progress, resume_command=opts.resume_command()):
         trainer = _TLMTrainer(opts, folder, progress, callback)
-        return trainer.run(existing, started)
+        return trainer.run(existing, started, train_data=train_data, val_data=val_data)
 
 
 # ================================================================================ the loop
@@ -384,7 +387,8 @@ class _TLMTrainer:
         self.best: dict[str, Any] = {"epoch": None, "metric": None, "loss": None}
 
     # ------------------------------------------------------------------ setup
-    def run(self, existing: dict[str, Any] | None, started: float) -> RunSummary:
+    def run(self, existing: dict[str, Any] | None, started: float, *, train_data: Dataset,
+            val_data: Dataset) -> RunSummary:
         opts = self.opts
         seed_everything(opts.seed)
         state = None
@@ -415,14 +419,13 @@ class _TLMTrainer:
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp.use_scaler)
 
-        self.train_data = _load_dataset(opts.train, augment=opts.augment, seed=opts.seed)
+        self.train_data = train_data
         if opts.crop_size is not None:
             from dipid.train.datasets import PeakCrops
 
             self.train_data = PeakCrops(self.train_data, size=(opts.crop_size, opts.crop_size),
                                         crops_per_frame=opts.crops_per_frame,
                                         background_fraction=opts.background_crops, seed=opts.seed)
-        val_data = _load_dataset(opts.val, augment=False, seed=derive_seed(opts.seed, "val"))
         self.val_samples = _materialise(val_data, opts.val_frames, spec=opts.val)
         self.best_metric_name = "val_iou" if any(len(t["masks"]) for _, t in self.val_samples) else "val_loss"
         if self.best_metric_name == "val_loss":
