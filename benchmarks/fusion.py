@@ -218,7 +218,7 @@ def main() -> int:
           f"best on validation (mean IoU + F1 + AP).\n* chosen on validation: {chosen}"
           + (" (NOT acceptable: no rule matched every single model on validation; best by the sum)" if fallback else ""))
     if args.write_settings and chosen:
-        from dipid.io.coco import atomic_write_text
+        from dipid.files import atomic_write_text
         from dipid.predict import SETTINGS_FILE
 
         rule = asdict(rules[chosen.removeprefix("joint ")])

@@ -139,7 +139,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _summary_table(summaries) -> str:
-    from dipid.evaluate import text_table
+    from dipid.tables import text_table
 
     rows = [[Path(s.scan).name, s.status, s.frames, s.peaks, round(s.seconds, 1)] for s in summaries]
     return text_table(["scan", "status", "frames", "peaks", "seconds"], rows)

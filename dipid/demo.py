@@ -38,7 +38,7 @@ class DemoReport:
     precision: float
 
     def format(self) -> str:
-        from dipid.evaluate import text_table
+        from dipid.tables import text_table
 
         cols = list(self.comparison)
         rows = list(zip(*self.comparison.values()))

@@ -19,8 +19,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dipid.errors import LabelError, UnknownNameError
-from dipid.io.coco import LabelSet, atomic_write_text, read_coco
+from dipid.files import atomic_write_text, to_jsonable
+from dipid.io.coco import LabelSet, read_coco
 from dipid.results import MODEL_KINDS, Instances
+from dipid.tables import text_table
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +33,6 @@ __all__ = [
     "load_label_sets",
     "merge_views",
     "model_seconds",
-    "text_table",
 ]
 
 #: Stages whose time each model's frames/s is made of (see ImageResult.timings).
@@ -148,7 +149,7 @@ class EvaluationReport:
                 "per_group": self.per_group}
 
     def to_json(self, path: str | Path) -> Path:
-        return atomic_write_text(path, json.dumps(_jsonable(self.to_dict()), indent=2))
+        return atomic_write_text(path, json.dumps(to_jsonable(self.to_dict()), indent=2))
 
     def format_table(self, columns: Sequence[str] = SUMMARY_COLUMNS) -> str:
         """The summary and the per-scan breakdown as fixed-width text tables."""
@@ -159,33 +160,6 @@ class EvaluationReport:
                 for m, scans in self.per_scan.items() for s, v in scans.items()]
         lines.append(text_table(["model", "scan", *scan_cols], rows))
         return "\n\n".join(lines)
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else (f"{value:.3f}" if abs(value) < 1000 else f"{value:.0f}")
-    return str(value)
-
-
-def text_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """Fixed-width text table: first column left-aligned, the others right-aligned."""
-    cells = [[str(h) for h in header], *[[_fmt(v) for v in row] for row in rows]]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    text = ["  ".join(c.rjust(w) if k else c.ljust(w) for k, (c, w) in enumerate(zip(r, widths))) for r in cells]
-    text.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(text)
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return None if math.isnan(float(obj)) else float(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
 
 
 def evaluate(

@@ -19,8 +19,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from dipid.errors import DipidError, UnknownNameError
 
 logger = logging.getLogger(__name__)

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dipid.errors import DipidError, WeightsNotFoundError
+from dipid.models.device import resolve_device
 from dipid.results import SOURCE_FLAGS, ImageResult, Instances, ScanResult, SSLOutput
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,6 @@ __all__ = [
     "WEIGHT_FILES",
     "SETTINGS_FILE",
     "read_settings",
-    "resolve_device",
     "ImageResult",
     "ScanResult",
     "Instances",
@@ -48,15 +48,6 @@ SHA256_FILE = "SHA256SUMS"
 #: Optional JSON object of :class:`PredictorSettings` fields tuned for the checkpoints beside it
 #: (e.g. the fusion thresholds ``benchmarks/fusion.py`` chooses on validation scans).
 SETTINGS_FILE = "settings.json"
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """"auto" -> CUDA when available, else CPU; anything else as torch understands it."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 @dataclass(frozen=True)

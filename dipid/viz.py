@@ -543,7 +543,7 @@ def save_html(fig: go.Figure, path: str | Path, *, title: str | None = None, com
     Returns:
         the path written.
     """
-    from dipid.io.coco import atomic_write_text
+    from dipid.files import atomic_write_text
 
     return atomic_write_text(path, _html_page(fig, title=title, compress=compress))
 
@@ -785,7 +785,7 @@ def write_viewer(path: str | Path, counts: CountsSource, label_volumes: Mapping[
     Returns:
         the path written.
     """
-    from dipid.io.coco import atomic_write_text
+    from dipid.files import atomic_write_text
 
     fig = build_viewer(counts, label_volumes, **kwargs)
     page = _html_page(fig, title=kwargs.get("title"), compress=compress)

@@ -549,7 +549,7 @@ def to_dataframe(columns: dict[str, Any]) -> Any:
 
 def write_peaks_csv(columns: dict[str, Any], path: str | Path) -> Path:
     """Write the peak table as CSV (header row, one row per peak), atomically. Returns the path."""
-    from dipid.io.coco import atomic_write_text
+    from dipid.files import atomic_write_text
 
     names = list(columns)
     lengths = {len(columns[name]) for name in names}

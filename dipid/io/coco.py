@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -21,8 +19,9 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from dipid.errors import LabelError
+from dipid.files import atomic_write_text
 
-__all__ = ["FrameLabels", "LabelSet", "read_coco", "write_coco", "encode_masks", "atomic_write_text"]
+__all__ = ["FrameLabels", "LabelSet", "read_coco", "write_coco", "encode_masks"]
 
 
 def encode_masks(masks: np.ndarray) -> list[dict]:
@@ -139,25 +138,6 @@ class LabelSet:
     @property
     def n_instances(self) -> int:
         return sum(len(f) for f in self.frames)
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write text to ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        # mkstemp makes the file private (0600); give it the permissions a plain open() would
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_coco(labels: Iterable[FrameLabels], path: str | Path, *, description: str = "dipid labels") -> Path:

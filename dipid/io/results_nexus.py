@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -39,6 +37,7 @@ import h5py
 import numpy as np
 
 from dipid.errors import CorruptFileError, NotHDF5Error, ScanError, ScanFileNotFoundError
+from dipid.files import atomic_path, to_jsonable
 from dipid.results import MODEL_KINDS, ScanResult
 
 logger = logging.getLogger(__name__)
@@ -106,17 +105,7 @@ def _write_parameter(group: h5py.Group, name: str, value: Any) -> None:
         if array is not None and array.dtype.kind in "iuf" and array.size:
             group.create_dataset(key, data=array)
         else:
-            group.create_dataset(key, data=json.dumps(value, default=_json_default), dtype=_STR).attrs["format"] = "json"
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (np.integer, np.floating, np.bool_)):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    return repr(value)
+            group.create_dataset(key, data=json.dumps(to_jsonable(value)), dtype=_STR).attrs["format"] = "json"
 
 
 def _set_axes(group: h5py.Group, signal: str, axis: str) -> None:
@@ -252,11 +241,7 @@ def write_results_nexus(
         from dipid import __version__ as software_version
     now = datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    temp = Path(temp_name)
-    try:
+    with atomic_path(path) as temp:
         with h5py.File(temp, "w") as h5:
             h5.attrs["default"] = "entry"
             h5.attrs["creator"] = "dipid"
@@ -288,29 +273,8 @@ def write_results_nexus(
             if table is not None:
                 _write_peaks(entry, table)
             _write_instances(entry, _instances_columns(result, present, peak_labels, peak_model))
-        # mkstemp makes the file private (0600); give it the mode a plain open() would have.
-        os.chmod(temp, _new_file_mode(path))
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
     logger.info("wrote %s (%d frames, %d peaks)", path, n_frames, int(peak_labels.max(initial=0)))
     return path
-
-
-def _new_file_mode(path: Path) -> int:
-    """The replaced file's permission bits, else 0o666 less the process umask."""
-    try:
-        return path.stat().st_mode & 0o777
-    except OSError:
-        pass
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            umask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
-    except (OSError, StopIteration, ValueError):
-        umask = os.umask(0o022)  # no /proc: read it by setting it, then put it back at once
-        os.umask(umask)
-    return 0o666 & ~umask
 
 
 def _write_process(entry: h5py.Group, result: ScanResult, *, software_version: str, date: str,
@@ -334,7 +298,7 @@ def _write_process(entry: h5py.Group, result: ScanResult, *, software_version: s
         note = process.create_group(note_name)
         note.attrs["NX_class"] = "NXnote"
         note.create_dataset("type", data="application/json", dtype=_STR)
-        note.create_dataset("data", data=json.dumps(content, default=_json_default, sort_keys=True), dtype=_STR)
+        note.create_dataset("data", data=json.dumps(to_jsonable(content), sort_keys=True), dtype=_STR)
 
 
 def _write_results(entry: h5py.Group, peak_labels: np.ndarray, axis: str, axis_values: np.ndarray,

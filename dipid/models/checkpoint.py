@@ -28,8 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -40,6 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dipid.errors import CheckpointError, WeightsNotFoundError
+from dipid.files import atomic_path
 
 if TYPE_CHECKING:
     from dipid.models.sslm import SSLM
@@ -205,14 +204,8 @@ def save_checkpoint(
     }
     if not path.parent.is_dir():
         raise CheckpointError(f"{path}: folder {path.parent} does not exist; create it before saving.")
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp_name, metadata=header)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temp:
+        save_file(tensors, temp, metadata=header)
     logger.info("saved %s checkpoint %s (%d tensors, %s)", model.name, path, len(tensors), header["dtype"])
     return path
 

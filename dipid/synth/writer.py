@@ -27,14 +27,13 @@ same scan written twice gives identical bytes.
 from __future__ import annotations
 
 import dataclasses
-import os
-import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
 
+from dipid.files import atomic_path
 from dipid.io.coco import write_coco
 
 if TYPE_CHECKING:
@@ -104,16 +103,8 @@ def _fill_nexus(f: h5py.File, scan: SimulatedScan) -> None:
 def write_nexus(scan: SimulatedScan, path: str | Path) -> Path:
     """Write the scan's frames and metadata to ``path`` atomically (temp file + rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Not mkstemp: HDF5 creates the file itself, so it gets the usual umask permissions, not 0600.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with h5py.File(tmp, "w-", track_order=False) as f:
-            _fill_nexus(f, scan)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temp, h5py.File(temp, "w-", track_order=False) as f:
+        _fill_nexus(f, scan)
     return path
 
 

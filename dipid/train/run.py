@@ -30,9 +30,7 @@ import io
 import json
 import logging
 import math
-import os
 import random
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -46,7 +44,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dipid.errors import CheckpointError, TrainingError
-from dipid.io.coco import atomic_write_text
+from dipid.files import atomic_path, atomic_write_text, to_jsonable
 
 logger = logging.getLogger(__name__)
 
@@ -77,14 +75,12 @@ __all__ = [
     "training_guard",
     "loss_mode",
     "all_finite",
-    "atomic_copy",
     "compare_configs",
     "write_history_csv",
     "read_history_csv",
     "history_figure",
     "write_history_html",
     "atomic_save_safetensors",
-    "jsonable",
     "versions",
     "now_iso",
     "call_callback",
@@ -234,7 +230,7 @@ class RunFolder:
 
     def write_config(self, config: Mapping[str, Any]) -> Path:
         """Write config.json atomically."""
-        return atomic_write_text(self.config, json.dumps(jsonable(config), indent=2, sort_keys=False) + "\n")
+        return atomic_write_text(self.config, json.dumps(to_jsonable(config), indent=2, sort_keys=False) + "\n")
 
     def prepare(self, *, resume: bool, kind: str) -> dict[str, Any] | None:
         """Create the folder, or check it may be used.
@@ -370,14 +366,8 @@ def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Pat
     """``safetensors.torch.save_file`` through a temporary file in the same folder and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(dict(tensors), tmp, metadata=dict(metadata) if metadata else None)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temp:
+        save_file(dict(tensors), temp, metadata=dict(metadata) if metadata else None)
     return path
 
 
@@ -396,7 +386,7 @@ def save_state(path: str | Path, state: Mapping[str, Any], *, summary: Mapping[s
     doc = {
         _FORMAT_KEY: _FORMAT_NAME,
         "version": STATE_FORMAT_VERSION,
-        "summary": jsonable(dict(summary or {})),
+        "summary": to_jsonable(dict(summary or {})),
         "structure": flat.structure,
     }
     text = json.dumps(doc, allow_nan=False)
@@ -591,22 +581,6 @@ def all_finite(model: torch.nn.Module) -> bool:
         return not sums or bool(torch.isfinite(torch.stack(sums)).all())
 
 
-def atomic_copy(source: str | Path, target: str | Path) -> Path:
-    """Copy a file through a temporary file beside ``target`` and a rename."""
-    import shutil
-
-    target = Path(target)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
-
-
 def compare_configs(old: Mapping[str, Any], new: Mapping[str, Any], *, fixed: Sequence[str]) -> dict[str, tuple[Any, Any]]:
     """Options that differ between a stored run and a resume request.
 
@@ -618,7 +592,7 @@ def compare_configs(old: Mapping[str, Any], new: Mapping[str, Any], *, fixed: Se
     Raises:
         TrainingError: a ``fixed`` option differs.
     """
-    old_j, new_j = jsonable(dict(old)), jsonable(dict(new))
+    old_j, new_j = to_jsonable(dict(old)), to_jsonable(dict(new))
     changed = {k: (old_j.get(k), new_j.get(k)) for k in sorted(set(old_j) | set(new_j)) if old_j.get(k) != new_j.get(k)}
     bad = {k: v for k, v in changed.items() if k in fixed}
     if bad:
@@ -718,27 +692,6 @@ def write_history_html(
 
 
 # ================================================================================ helpers
-def jsonable(value: Any) -> Any:
-    """Options -> JSON values (paths as str, tuples as lists, non-finite floats as None)."""
-    if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(float(value)) else None
-    if isinstance(value, torch.device):
-        return str(value)
-    if value is None or isinstance(value, str):
-        return value
-    return str(value)
-
-
 def versions() -> dict[str, str]:
     """dipid, torch and torchvision versions for config.json."""
     import torchvision

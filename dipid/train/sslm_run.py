@@ -60,6 +60,7 @@ import numpy as np
 import torch
 
 from dipid.errors import TrainingError
+from dipid.files import atomic_copy, to_jsonable
 from dipid.models.normalize import normalize_counts
 from dipid.train.run import (
     RunFolder,
@@ -67,12 +68,10 @@ from dipid.train.run import (
     RunSummary,
     TrainEvent,
     all_finite,
-    atomic_copy,
     call_callback,
     capture_rng_state,
     compare_configs,
     derive_seed,
-    jsonable,
     load_state,
     now_iso,
     read_history_csv,
@@ -176,7 +175,7 @@ class SSLMTrainOptions:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
-        return jsonable(asdict(self))
+        return to_jsonable(asdict(self))
 
     def resume_command(self) -> str:
         """The shell command that resumes this run."""
@@ -387,7 +386,7 @@ class _SSLMTrainer:
 
     def __init__(self, opts: SSLMTrainOptions, folder: RunFolder, progress: RunProgress,
                  callback: Callable[[TrainEvent], None] | None):
-        from dipid.predict import resolve_device
+        from dipid.models.device import resolve_device
 
         self.opts = opts
         self.folder = folder
@@ -457,7 +456,7 @@ class _SSLMTrainer:
         config["data"] = {"scans": list(self.opts.scans), "frames_used": len(self.data),
                           "frame_shape": list(self.data.frames.shape[-2:]),
                           "labels": None if self.opts.labels is None else str(self.opts.labels)}
-        config["model"] = jsonable(asdict(self.model.config))
+        config["model"] = to_jsonable(asdict(self.model.config))
         config["optimizer"] = {"name": "SGD (fit_sslm)", "lr": self.opts.lr, "momentum": self.opts.momentum,
                                "momentum_restarts": "every epoch"}
         config["device"] = str(self.device)
@@ -565,7 +564,7 @@ class _SSLMTrainer:
             improved = not math.isnan(metric) and (best_metric is None or metric > best_metric)
         else:
             improved = math.isfinite(metric) and (best_metric is None or metric < best_metric)
-        metadata = jsonable({
+        metadata = to_jsonable({
             "run": str(self.folder.path), "kind": "sslm", "epoch": epoch, "step": self.global_step,
             "seed": opts.seed, "train_data": list(opts.scans), "frames_used": len(self.data),
             "labels": None if opts.labels is None else str(opts.labels),

@@ -62,6 +62,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
 from dipid.errors import TrainingError, UnknownNameError
+from dipid.files import atomic_copy, to_jsonable
 from dipid.train.run import (
     AmpSettings,
     RunFolder,
@@ -70,12 +71,10 @@ from dipid.train.run import (
     TrainEvent,
     amp_settings,
     all_finite,
-    atomic_copy,
     call_callback,
     capture_rng_state,
     compare_configs,
     derive_seed,
-    jsonable,
     load_state,
     loss_mode,
     now_iso,
@@ -225,7 +224,7 @@ class TLMTrainOptions:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (paths as str)."""
-        return jsonable(asdict(self))
+        return to_jsonable(asdict(self))
 
     def resume_command(self) -> str:
         """The shell command that resumes this run."""
@@ -374,7 +373,7 @@ class _TLMTrainer:
         progress: RunProgress,
         callback: Callable[[TrainEvent], None] | None,
     ):
-        from dipid.predict import resolve_device
+        from dipid.models.device import resolve_device
 
         self.opts = opts
         self.folder = folder
@@ -481,7 +480,7 @@ class _TLMTrainer:
         config["options"] = self.opts.to_dict()
         config["data"] = {"train": str(self.opts.train), "val": str(self.opts.val),
                           "val_frames_used": len(self.val_samples)}
-        config["model"] = jsonable(asdict(self.model.config))
+        config["model"] = to_jsonable(asdict(self.model.config))
         scheduler = ("ReduceLROnPlateau(val_loss)" if self.opts.schedule == "plateau"
                      else f"cosine to {self.opts.min_lr_factor} x lr")
         config["optimizer"] = {"name": type(self.optimizer).__name__, "lr": self.opts.lr,
@@ -701,7 +700,7 @@ class _TLMTrainer:
             "best_metric": self.best_metric_name,
             "dipid_version": versions()["dipid"],
         }
-        metadata = jsonable(metadata)
+        metadata = to_jsonable(metadata)
         # Order matters: checkpoints and history first, the state last. The state is the commit
         # point a resume starts from; anything written after an older state is redone.
         save_checkpoint(self.evaluated_model, self.folder.last, metadata=metadata)
