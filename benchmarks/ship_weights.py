@@ -2,7 +2,7 @@
 
 The fp32 ResNet-50 Mask R-CNN is 176 MB; shipped weights must stay under 50 MB a file so the
 repository stays easy to clone. The TLM is stored as per-output-channel int8 with float32 scales
-(:func:`dipid.models.checkpoint.quantize_per_channel`, dequantised at load, no side file); the
+(:func:`dipid.models.tensorfile.quantize_per_channel`, dequantised at load, no side file); the
 SSLM is small and is stored as float32 unless ``--sslm-dtype`` says otherwise. The script then
 scores the fp32 and the stored TLM on the same test frames (the accuracy benchmark's test set)
 and prints both rows, so the card can show the stored model is within 0.005 mean IoU of fp32.

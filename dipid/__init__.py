@@ -1,6 +1,8 @@
 """dipid: find and segment diffraction peaks in X-ray area-detector scans.
 
-Public API (imported lazily, so ``import dipid`` stays light)::
+Public API (imported lazily: ``import dipid`` loads only the exception types, so ``dipid --help``
+answers at once; torch and torchvision are imported, and checked to work together, the first
+time a model module is used, in :mod:`dipid.models`)::
 
     import dipid
     scan = dipid.open_scan("1040323.nxs")
@@ -14,13 +16,10 @@ import importlib
 import logging
 from typing import Any
 
-from dipid._compat import check_torch_install
 from dipid.errors import *  # noqa: F403
 from dipid.errors import __all__ as _error_names
 
 __version__ = "0.1.0"
-
-check_torch_install()
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -29,9 +28,9 @@ _LAZY = {
     "Scan": "dipid.io",
     "simulate_scan": "dipid.synth",
     "JointPredictor": "dipid.predict",
-    "ImageResult": "dipid.predict",
-    "ScanResult": "dipid.predict",
-    "Instances": "dipid.predict",
+    "ImageResult": "dipid.results",
+    "ScanResult": "dipid.results",
+    "Instances": "dipid.results",
     "build_tlm": "dipid.models",
     "build_sslm": "dipid.models",
     "generate_3d_plot": "dipid.viz",

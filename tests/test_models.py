@@ -33,7 +33,7 @@ from dipid.models import (
     sha256_file,
 )
 from dipid.models import tlm as tlm_module
-from dipid.models.checkpoint import (
+from dipid.models.tensorfile import (
     SCALE_SUFFIX,
     dequantize_per_channel,
     quantize_per_channel,
@@ -251,7 +251,7 @@ def test_int8_checkpoint_is_a_quarter_and_loads_as_float32(name, eval_models, sa
     if name == "sslm":
         assert isinstance(load_checkpoint(small), type(model))
     else:  # the layers that output scores are kept exactly
-        from dipid.models.checkpoint import INT8_KEEP_FLOAT
+        from dipid.models.tensorfile import INT8_KEEP_FLOAT
 
         kept = [k for k in reference if any(f in k for f in INT8_KEEP_FLOAT) and reference[k].is_floating_point()]
         assert kept and all(torch.equal(stored[k], reference[k]) for k in kept)

@@ -14,7 +14,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from torch import nn
+from dipid._compat import check_torch_install
+
+# Every model module is imported through this package: the one place where a torch/torchvision
+# pair that cannot work together is reported as a TorchInstallError instead of an obscure
+# operator error deep inside torchvision.
+check_torch_install()
+
+from torch import nn  # noqa: E402 - after the check above
 
 from dipid.errors import UnknownNameError
 from dipid.models.checkpoint import load_checkpoint, read_checkpoint_metadata, save_checkpoint, sha256_file

@@ -15,10 +15,9 @@ counts) over the same background to about 3. Bad pixels must already be filled (
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-__all__ = ["LOG_SCALE", "normalize_counts", "normalize_counts_numpy"]
+__all__ = ["LOG_SCALE", "normalize_counts"]
 
 #: Divisor of the background-subtracted log counts; 4 natural-log units = a factor of ~55.
 LOG_SCALE = 4.0
@@ -38,12 +37,3 @@ def normalize_counts(counts: torch.Tensor) -> torch.Tensor:
     background = flat.median(dim=-1).values[..., None, None]
     return (logc - background) / LOG_SCALE
 
-
-def normalize_counts_numpy(counts: np.ndarray) -> np.ndarray:
-    """NumPy twin of :func:`normalize_counts` for torch-free code; (..., H, W) -> float32."""
-    logc = np.log1p(np.clip(np.asarray(counts, dtype=np.float32), 0, None))
-    flat = logc.reshape(*logc.shape[:-2], -1)
-    # torch.median returns the lower of the two middle values; match it exactly.
-    k = (flat.shape[-1] - 1) // 2
-    background = np.partition(flat, k, axis=-1)[..., k][..., None, None]
-    return ((logc - background) / LOG_SCALE).astype(np.float32)

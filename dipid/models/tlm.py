@@ -51,7 +51,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform, res
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from dipid.errors import CheckpointError, UnknownNameError, WeightsNotFoundError
-from dipid.models.checkpoint import (
+from dipid.models.tensorfile import (
     compare_state_dicts,
     format_state_dict_diff,
     read_checkpoint_metadata,

@@ -67,6 +67,7 @@ from dipid.synth.profiles import (
     rocking_reach,
 )
 from dipid.synth.rle import window_rle
+from dipid.synth.writer import SimulatedFiles, write_scan
 
 logger = logging.getLogger(__name__)
 
@@ -187,14 +188,6 @@ class Reflection:
         return max(abs(c.frame_offset) for c in self.components) + rocking_reach(
             total / level, self.rocking_fwhm, self.rocking_exponent
         )
-
-
-@dataclass(frozen=True)
-class SimulatedFiles:
-    """Files written for one simulated scan: the NeXus scan and its COCO labels."""
-
-    nexus: Path
-    labels: Path
 
 
 @dataclass
@@ -318,8 +311,6 @@ class SimulatedScan:
         Both are written atomically; the labels' ``scan`` becomes ``<name>.nxs``, relative to the
         JSON's folder. Same scan, same name -> identical bytes.
         """
-        from dipid.synth.writer import write_scan  # the writer imports h5py; keep simulation light
-
         return write_scan(self, Path(out_dir), name)
 
 

@@ -27,6 +27,7 @@ same scan written twice gives identical bytes.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,8 +37,16 @@ import numpy as np
 from dipid.files import atomic_path
 from dipid.io.coco import write_coco
 
-if TYPE_CHECKING:
-    from dipid.synth.scan import SimulatedFiles, SimulatedScan
+if TYPE_CHECKING:  # annotations only: the simulator imports this writer
+    from dipid.synth.scan import SimulatedScan
+
+
+@dataclass(frozen=True)
+class SimulatedFiles:
+    """Files written for one simulated scan: the NeXus scan and its COCO labels."""
+
+    nexus: Path
+    labels: Path
 
 
 def _nx(group: h5py.Group, nx_class: str) -> h5py.Group:
@@ -110,8 +119,6 @@ def write_nexus(scan: SimulatedScan, path: str | Path) -> Path:
 
 def write_scan(scan: SimulatedScan, out_dir: Path, name: str) -> SimulatedFiles:
     """Write ``<name>.nxs`` and ``<name>_labels.json`` into ``out_dir``; renames the labels' scan."""
-    from dipid.synth.scan import SimulatedFiles
-
     if not name or "/" in name or "\\" in name or "#" in name:
         raise ValueError(f"name must be a plain file stem without '/', '\\' or '#', got {name!r}")
     nexus = write_nexus(scan, out_dir / f"{name}.nxs")
