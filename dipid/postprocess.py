@@ -2,7 +2,7 @@
 
 NumPy and SciPy only (no torch), so the same code serves every model and the classical finder.
 Instances are plain arrays here: ``masks`` (N, H, W) bool and ``scores`` (N,) float32; the typed
-result classes that carry them live with the predictors.
+result classes that carry them, and the source flags, live in :mod:`dipid.results`.
 """
 
 from __future__ import annotations
@@ -15,31 +15,18 @@ import numpy as np
 from scipy import ndimage
 
 from dipid.metrics import mask_intersection_matrix, mask_iou_matrix
+from dipid.results import SOURCE_FLAGS
 
 __all__ = [
-    "SOURCE_TLM",
-    "SOURCE_SSL",
-    "SOURCE_CLASSICAL",
     "Components",
     "FusedInstances",
     "masks_to_boxes",
-    "instance_areas",
-    "filter_instances",
     "mask_nms",
-    "binarize_masks",
     "connected_instances",
-    "label_image",
     "fuse_instances",
 ]
 
 logger = logging.getLogger(__name__)
-
-#: Bit flag in :attr:`FusedInstances.sources`: the instance comes from the Mask R-CNN model (TLM).
-SOURCE_TLM = np.uint8(1)
-#: Bit flag in :attr:`FusedInstances.sources`: the instance was found by the clustering model (SSLM).
-SOURCE_SSL = np.uint8(2)
-#: Bit flag in :attr:`FusedInstances.sources`: the classical finder found the instance.
-SOURCE_CLASSICAL = np.uint8(4)
 
 
 def _masks(masks: np.ndarray, name: str = "masks") -> np.ndarray:
@@ -82,19 +69,9 @@ def masks_to_boxes(masks: np.ndarray) -> np.ndarray:
     return boxes
 
 
-def instance_areas(masks: np.ndarray) -> np.ndarray:
-    """(N, H, W) bool -> (N,) int64 pixel counts."""
+def _areas(masks: np.ndarray) -> np.ndarray:
+    """(N, H, W) bool -> (N,) int64 pixel counts (full-frame masks; ``Instances.areas`` for crops)."""
     return _masks(masks).sum(axis=(1, 2), dtype=np.int64)
-
-
-def filter_instances(
-    masks: np.ndarray, scores: np.ndarray, *, score_threshold: float = 0.0, min_area: int = 0
-) -> np.ndarray:
-    """Indices (int64, original order) of instances with score >= threshold and area >= min_area."""
-    masks = _masks(masks)
-    scores = _scores(scores, len(masks))
-    keep = (scores >= score_threshold) & (instance_areas(masks) >= min_area)
-    return np.flatnonzero(keep).astype(np.int64)
 
 
 def mask_nms(masks: np.ndarray, scores: np.ndarray, *, iou_threshold: float = 0.5) -> np.ndarray:
@@ -124,11 +101,6 @@ def mask_nms(masks: np.ndarray, scores: np.ndarray, *, iou_threshold: float = 0.
         kept.append(rank)
         suppressed |= ious[rank] > iou_threshold
     return order[np.asarray(kept, np.int64)].astype(np.int64)
-
-
-def binarize_masks(mask_probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """(N, H, W) float probabilities -> bool masks, True where probability >= ``threshold``."""
-    return np.asarray(mask_probs) >= threshold
 
 
 class Components(NamedTuple):
@@ -190,33 +162,23 @@ def connected_instances(
     return Components(masks, component_scores[kept_labels].astype(np.float32))
 
 
-def label_image(masks: np.ndarray) -> np.ndarray:
-    """(N, H, W) bool -> (H, W) int32 label map: 0 = no instance, i + 1 = instance i.
-
-    Where instances overlap the earlier one (lower index) keeps the pixel.
-    """
-    masks = _masks(masks)
-    h, w = masks.shape[1:]
-    if len(masks) == 0:
-        return np.zeros((h, w), np.int32)
-    covered = masks.any(axis=0)
-    first = np.argmax(masks, axis=0)
-    return np.where(covered, first + 1, 0).astype(np.int32)
-
-
 class FusedInstances(NamedTuple):
     """The joint output (unpacks as ``masks, scores, sources``).
 
     Attributes:
         masks: (N, H, W) bool, by descending score.
         scores: (N,) float32 in [0, 1].
-        sources: (N,) uint8 bit flags: 1 (:data:`SOURCE_TLM`) Mask R-CNN only, 2
-            (:data:`SOURCE_SSL`) clustering only, 3 both.
+        sources: (N,) uint8 bit flags of :data:`dipid.results.SOURCE_FLAGS` (tlm 1, ssl 2,
+            classical 4): the detectors that found or confirmed each instance.
     """
 
     masks: np.ndarray
     scores: np.ndarray
     sources: np.ndarray
+
+
+def _flag(model: str) -> np.uint8:
+    return np.uint8(SOURCE_FLAGS[model])
 
 
 def _combined_confidence(p: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -286,20 +248,20 @@ def fuse_instances(
     if tlm_masks.shape[1:] != ssl_masks.shape[1:]:
         raise ValueError(f"tlm masks are {tlm_masks.shape[1:]}, ssl masks {ssl_masks.shape[1:]}")
     tlm_scores = _scores(tlm_scores, len(tlm_masks), "tlm_scores")
-    evidence = [_Evidence(ssl_masks, _scores(ssl_scores, len(ssl_masks), "ssl_scores"), SOURCE_SSL, ssl_min_score,
+    evidence = [_Evidence(ssl_masks, _scores(ssl_scores, len(ssl_masks), "ssl_scores"), _flag("ssl"), ssl_min_score,
                           ssl_min_area, add_unmatched_ssl, refine_with_ssl)]
     if classical_masks is not None:
         classical_masks = _masks(classical_masks, "classical_masks")
         if classical_masks.shape[1:] != tlm_masks.shape[1:]:
             raise ValueError(f"tlm masks are {tlm_masks.shape[1:]}, classical masks {classical_masks.shape[1:]}")
         evidence.append(_Evidence(classical_masks, _scores(classical_scores, len(classical_masks), "classical_scores"),
-                                  SOURCE_CLASSICAL, classical_min_score, classical_min_area, add_unmatched_classical,
+                                  _flag("classical"), classical_min_score, classical_min_area, add_unmatched_classical,
                                   refine_with_classical))
 
-    tlm_area = instance_areas(tlm_masks)
+    tlm_area = _areas(tlm_masks)
     masks = tlm_masks.copy()
     scores = tlm_scores.astype(np.float64)
-    sources = np.full(len(tlm_masks), SOURCE_TLM, np.uint8)
+    sources = np.full(len(tlm_masks), _flag("tlm"), np.uint8)
     confirmed = np.zeros(len(tlm_masks), bool)
     refine_with = np.zeros(tlm_masks.shape, bool) if len(tlm_masks) else tlm_masks.copy()
     for ev in evidence:
@@ -327,7 +289,7 @@ def fuse_instances(
     for ev in evidence:
         if not ev.add_unmatched:
             continue
-        area = instance_areas(ev.masks)
+        area = _areas(ev.masks)
         new = np.flatnonzero(~ev.confirms.any(axis=0) & (ev.scores >= ev.min_score) & (area >= ev.min_area))
         if new.size:
             masks = np.concatenate([masks, ev.masks[new]])
@@ -358,7 +320,7 @@ class _Evidence:
 def _confirmations(tlm_masks: np.ndarray, tlm_area: np.ndarray, other: np.ndarray, match_iou: float) -> np.ndarray:
     """(N, M) bool: other mask j confirms TLM instance i (IoU >= match_iou or half of j inside i)."""
     inter = mask_intersection_matrix(tlm_masks, other)
-    other_area = instance_areas(other)
+    other_area = _areas(other)
     union = tlm_area[:, None] + other_area[None, :] - inter
     iou = inter / np.maximum(union, 1)
     inside_fraction = inter / np.maximum(other_area, 1)[None, :]

@@ -1,8 +1,16 @@
-"""Typed result objects: what the predictors return.
+"""Typed result objects: what the predictors return, and the small rules every user of them shares.
 
 Every array here is numpy on the CPU. Per-frame instance masks are stored cropped to their boxes
 (peaks are small next to the frame), so a long scan's results stay small; ``Instances.masks``
 pastes them back into full frames on demand.
+
+This module is the bottom of dipid's dependency graph: it imports nothing of dipid but
+:mod:`dipid.errors`. The code that works on results (postprocess, volume, viz, the NeXus writer,
+tiling) imports the rules from here: the source flags (:data:`SOURCE_FLAGS`, :func:`source_names`,
+:func:`source_flags`), the model names (:data:`MODEL_KINDS`, :func:`check_model`), which models a
+result holds (:meth:`ImageResult.has`, :meth:`ScanResult.models_present`) and how a per-frame
+array of the whole scan relates to the held frames (:meth:`ScanResult.held`,
+:meth:`ScanResult.held_axis_values`).
 """
 
 from __future__ import annotations
@@ -10,21 +18,61 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-__all__ = ["SOURCE_FLAGS", "Instances", "SSLOutput", "ImageResult", "ScanResult", "MODEL_KINDS"]
+from dipid.errors import ScanShapeError, UnknownNameError
 
-#: Bit flags recording which model(s) found an instance.
-SOURCE_FLAGS = {"tlm": 1, "ssl": 2, "classical": 4}
+if TYPE_CHECKING:  # for annotations only: these modules import this one
+    from dipid.io.scan import Scan
+    from dipid.volume import Peaks3D
+
+__all__ = [
+    "SOURCE_FLAGS",
+    "MODEL_KINDS",
+    "source_names",
+    "source_flags",
+    "check_model",
+    "Instances",
+    "SSLOutput",
+    "ImageResult",
+    "ScanResult",
+]
+
+#: Bit flags recording which model(s) found an instance (``Instances.sources``, the joint output's
+#: sources, the ``models`` column of the 3D-peak table). The one definition of these numbers.
+SOURCE_FLAGS: dict[str, int] = {"tlm": 1, "ssl": 2, "classical": 4}
 #: The per-frame instance sets a result can hold.
 MODEL_KINDS = ("tlm", "ssl", "joint", "classical")
 
 
-def _sources_to_names(flags: int) -> str:
-    names = [name for name, bit in SOURCE_FLAGS.items() if flags & bit]
+def source_names(flags: int) -> str:
+    """Source bit flags -> model names joined by "+" (3 -> "tlm+ssl"); "none" for 0."""
+    names = [name for name, bit in SOURCE_FLAGS.items() if int(flags) & bit]
     return "+".join(names) if names else "none"
+
+
+def source_flags(names: str) -> int:
+    """The inverse of :func:`source_names`: "tlm+ssl" -> 3, "none" or "" -> 0.
+
+    Raises:
+        UnknownNameError: for a name outside :data:`SOURCE_FLAGS`.
+    """
+    flags = 0
+    for name in str(names).split("+"):
+        if name in ("", "none"):
+            continue
+        if name not in SOURCE_FLAGS:
+            raise UnknownNameError("source", name, tuple(SOURCE_FLAGS))
+        flags |= SOURCE_FLAGS[name]
+    return flags
+
+
+def check_model(model: str, kind: str = "model") -> None:
+    """Raise :class:`UnknownNameError` (naming ``kind``) unless ``model`` is one of :data:`MODEL_KINDS`."""
+    if model not in MODEL_KINDS:
+        raise UnknownNameError(kind, model, MODEL_KINDS)
 
 
 @dataclass
@@ -146,7 +194,7 @@ class Instances:
             "y1": self.boxes[:, 3].tolist(),
             "row": cents[:, 0].tolist(),
             "col": cents[:, 1].tolist(),
-            "source": [_sources_to_names(int(s)) for s in self.sources],
+            "source": [source_names(int(s)) for s in self.sources],
         }
 
     def __repr__(self) -> str:
@@ -193,15 +241,13 @@ class ImageResult:
     timings: dict[str, float] = field(default_factory=dict)
 
     def has(self, model: str) -> bool:
-        """Whether ``model``'s output is present (the model ran on this frame)."""
-        return (self.ssl if model == "ssl" else getattr(self, model)) is not None
+        """Whether ``model``'s output is present (the model ran on this frame; "joint" always is)."""
+        check_model(model)
+        return getattr(self, model) is not None
 
     def instances(self, model: str = "joint") -> Instances:
-        """The instance set of one model: "tlm", "ssl", "joint" or "classical"."""
-        from dipid.errors import UnknownNameError
-
-        if model not in MODEL_KINDS:
-            raise UnknownNameError("model", model, MODEL_KINDS)
+        """The instance set of one model: "tlm", "ssl", "joint" or "classical" (empty when it did not run)."""
+        check_model(model)
         if model == "ssl":
             return self.ssl.instances if self.ssl is not None else Instances.empty(self.shape)
         found = getattr(self, model)
@@ -249,60 +295,116 @@ class ScanResult:
         """(F,) int64 frame numbers held, ascending."""
         return np.asarray(sorted(self.frames), dtype=np.int64)
 
+    # -- the rules shared by every user of a scan result -------------------------------------
+    def models_present(self) -> list[str]:
+        """The models whose output any held frame has, in :data:`MODEL_KINDS` order ([] for no frames)."""
+        return [m for m in MODEL_KINDS if any(frame.has(m) for frame in self.frames.values())]
+
+    def instances(self, model: str = "joint") -> list[Instances]:
+        """``model``'s instances of each held frame, in ``frame_numbers`` order."""
+        return [self.frames[int(f)].instances(model) for f in self.frame_numbers]
+
+    def held_axis_values(self) -> np.ndarray | None:
+        """(F,) float64 scan-axis value of each held frame; None when ``axis_values`` (the whole
+        scan's) does not reach the last held frame."""
+        frames = self.frame_numbers
+        values = np.asarray(self.axis_values, dtype=np.float64).reshape(-1)
+        if frames.size and values.size <= frames.max():
+            return None
+        return values[frames]
+
+    def held(self, stack: np.ndarray, *, what: str = "counts") -> np.ndarray:
+        """The held frames of a per-frame stack (counts, masks, ...).
+
+        ``stack`` is either (F, ...) of the held frames in ``frame_numbers`` order, returned as
+        is, or the whole scan's (n_scan, ...) indexed by frame number, from which the held
+        frames are taken.
+
+        Raises:
+            ScanShapeError: ``stack`` is neither (its message says ``what`` was expected).
+        """
+        array = np.asarray(stack)
+        frames = self.frame_numbers
+        n = len(array) if array.ndim else 0
+        if array.ndim and n == frames.size:
+            return array
+        if array.ndim and frames.size and n > frames.max():
+            return array[frames]
+        last = f"; frame {int(frames.max())} is held" if frames.size else ""
+        raise ScanShapeError(f"{what} hold {n} frames; expected the {frames.size} frames of the result "
+                             f"(in frame_numbers order) or the whole scan's{last}", file=self.scan_path)
+
+    # -- conveniences: each is a one-line delegation to the module that does the work. That
+    # module imports this one (results is the bottom of the graph), so it is imported when called.
+    @classmethod
+    def from_nexus(cls, path: str | Path) -> "ScanResult":
+        """Read a results NeXus file back into a ScanResult (the inverse of :meth:`to_nexus`);
+        see :func:`dipid.io.results_nexus.read_scan_result`."""
+        # Delegation: results is the leaf; the implementation sits above it and imports it
+        from dipid.io.results_nexus import read_scan_result
+
+        return read_scan_result(path)
+
     def volume(self, model: str = "joint") -> np.ndarray:
-        """(F, H, W) bool stack of each held frame's union mask, in ``frame_numbers`` order."""
+        """(F, H, W) bool stack of each held frame's union mask, in ``frame_numbers`` order
+        (:func:`dipid.volume.stack_masks`)."""
+        # Delegation: results is the leaf; the implementation sits above it and imports it
         from dipid.volume import stack_masks
 
-        return stack_masks([self.frames[f].instances(model) for f in self.frame_numbers], self.frame_shape)
+        return stack_masks(self.instances(model), self.frame_shape)
 
     def label_volume(self, model: str = "joint") -> np.ndarray:
-        """(F, H, W) int32 stack of per-frame instance label images (ids restart in each frame)."""
+        """(F, H, W) int32 stack of per-frame instance label images (ids restart in each frame;
+        :func:`dipid.volume.stack_labels`)."""
+        # Delegation: results is the leaf; the implementation sits above it and imports it
         from dipid.volume import stack_labels
 
-        return stack_labels([self.frames[f].instances(model) for f in self.frame_numbers], self.frame_shape)
+        return stack_labels(self.instances(model), self.frame_shape)
 
-    def peaks(self, counts: np.ndarray | None = None, *, model: str = "joint", **kwargs: Any):
+    def peaks(self, counts: np.ndarray | None = None, *, model: str = "joint", **kwargs: Any) -> "Peaks3D":
         """Link per-frame instances into 3D peaks -> :class:`dipid.volume.Peaks3D` (``.table``,
         ``.labels``, ``.to_dataframe()``, ``.to_csv(path)``). ``counts`` (F, H, W) of the held
         frames; re-read from ``scan_path`` when None. See :func:`dipid.volume.scan_peaks`."""
+        # Delegation: results is the leaf; the implementation sits above it and imports it
         from dipid.volume import scan_peaks
 
         return scan_peaks(self, counts, model=model, **kwargs)
 
-    def to_nexus(self, path: str | Path, *, peaks: Any | None = None, model: str = "joint") -> Path:
-        """Write the results NeXus file (atomically); computes the 3D peaks when not given."""
+    def to_nexus(self, path: str | Path, *, peaks: "Peaks3D | None" = None, model: str = "joint") -> Path:
+        """Write the results NeXus file (atomically; :func:`dipid.io.results_nexus.write_results_nexus`);
+        computes the 3D peaks of ``model`` when not given. :meth:`from_nexus` reads it back."""
+        # Delegation: results is the leaf; the implementation sits above it and imports it
         from dipid.io.results_nexus import write_results_nexus
 
         peaks = peaks if peaks is not None else self.peaks(model=model)
         return write_results_nexus(path, self, peaks=peaks, peak_labels=peaks.labels)
 
-    def read_counts(self, scan: Any | None = None) -> np.ndarray:
+    def read_counts(self, scan: "Scan | None" = None) -> np.ndarray:
         """(F, H, W) float32 filled counts of the held frames, from ``scan`` (an open
-        :class:`dipid.io.Scan`) or re-read from ``scan_path``."""
-        from dipid.errors import DipidError
-        from dipid.io import open_scan
+        :class:`dipid.io.Scan`) or re-read from ``scan_path`` (:func:`dipid.volume.read_counts`)."""
+        # Delegation: results is the leaf; the implementation sits above it and imports it
+        from dipid.volume import read_counts
 
-        if scan is not None:
-            return scan.read_frames(self.frame_numbers)[0]
-        if self.scan_path is None:
-            raise DipidError("this result was not predicted from a scan file; pass the frames' counts")
-        with open_scan(self.scan_path) as opened:
-            return opened.read_frames(self.frame_numbers)[0]
+        return read_counts(self, scan)
 
     def view(self, path: str | Path, *, counts: np.ndarray | None = None, model: str = "joint") -> Path:
-        """Write the standalone HTML viewer (3D peaks of ``model`` and a frame slider); returns its path."""
+        """Write the standalone HTML viewer (3D peaks of ``model`` and a frame slider); returns its
+        path (:func:`dipid.viz.view_scan_result`). Counts are re-read from ``scan_path`` when not given."""
+        # Delegation: results is the leaf; the implementation sits above it and imports it
         from dipid.viz import view_scan_result
 
         counts = self.read_counts() if counts is None and self.scan_path is not None else counts
         return view_scan_result(self, counts, path, peak_table=self.peaks(counts, model=model))
 
     def counts(self, model: str = "joint") -> dict[str, list]:
-        """Columns: frame, axis value, number of instances, covered pixels."""
+        """Columns: frame, axis value (None when the axis does not cover the frames), number of
+        instances, covered pixels."""
         fns = self.frame_numbers
-        inst = [self.frames[f].instances(model) for f in fns]
+        inst = self.instances(model)
+        axis = self.held_axis_values()
         return {
             "frame": fns.tolist(),
-            self.axis_name: self.axis_values[fns].tolist() if len(self.axis_values) > (fns.max(initial=-1)) else [None] * len(fns),
+            self.axis_name: axis.tolist() if axis is not None else [None] * len(fns),
             "n_instances": [len(i) for i in inst],
             "area": [int(i.areas.sum()) for i in inst],
         }

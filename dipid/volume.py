@@ -6,18 +6,21 @@ frames. :func:`link_peaks_3d` joins the per-frame instances of a scan into 3D pe
 :func:`scan_peaks` does both for a :class:`dipid.results.ScanResult`. :func:`match_peaks_3d`
 scores predicted peaks against ground truth (3D voxel IoU).
 
-Everything here is numpy/scipy on arrays; no torch.
+Everything here is numpy/scipy on arrays and :mod:`dipid.results` objects; no torch. The one file
+this module opens is a scan, to re-read counts a result was predicted from (:func:`read_counts`,
+:func:`scan_peaks` without counts); it is closed before the function returns.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 from scipy import ndimage
@@ -25,7 +28,11 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from dipid.errors import ScanError, ScanShapeError
-from dipid.results import SOURCE_FLAGS, Instances, ScanResult
+from dipid.files import atomic_write_text
+from dipid.results import SOURCE_FLAGS, Instances, ScanResult, source_names
+
+if TYPE_CHECKING:
+    from dipid.io.scan import Scan
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +46,7 @@ __all__ = [
     "match_peaks_3d",
     "to_dataframe",
     "write_peaks_csv",
+    "read_counts",
     "PEAK_COLUMNS",
 ]
 
@@ -92,11 +100,6 @@ def _source_image(inst: Instances) -> np.ndarray:
     for (x0, y0, x1, y1), crop, flags in zip(inst.boxes, inst.crops, inst.sources):
         out[y0:y1, x0:x1][crop] |= np.uint8(flags)
     return out
-
-
-def _flags_to_names(flags: int) -> str:
-    names = [name for name, bit in SOURCE_FLAGS.items() if flags & bit]
-    return "+".join(names) if names else "none"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -529,7 +532,7 @@ def peaks_table(
     table["row1"] = row1[ids]
     table["col1"] = col1[ids]
     table["score"] = np.where(np.isfinite(best_score[ids]), best_score[ids], np.nan).astype(np.float64)
-    table["models"] = [_flags_to_names(int(f)) for f in flags[ids]] if sources is not None else ["unknown"] * len(ids)
+    table["models"] = [source_names(int(f)) for f in flags[ids]] if sources is not None else ["unknown"] * len(ids)
     return table
 
 
@@ -549,8 +552,6 @@ def to_dataframe(columns: dict[str, Any]) -> Any:
 
 def write_peaks_csv(columns: dict[str, Any], path: str | Path) -> Path:
     """Write the peak table as CSV (header row, one row per peak), atomically. Returns the path."""
-    from dipid.files import atomic_write_text
-
     names = list(columns)
     lengths = {len(columns[name]) for name in names}
     if len(lengths) > 1:
@@ -621,15 +622,41 @@ def _consecutive_runs(numbers: np.ndarray) -> list[tuple[int, int]]:
     return [(int(run[0]), int(run[-1]) + 1) for run in np.split(numbers, breaks)]
 
 
-def _read_scan_frames(path: str, frame_numbers: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield (filled counts (H, W) float32, bad (H, W) bool) of ``frame_numbers`` from the scan file."""
-    from dipid.io import open_scan
-
-    scan = open_scan(path)
+def _scan_frames(scan: "Scan", frame_numbers: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (filled counts (H, W) float32, bad (H, W) bool) of ``frame_numbers`` from an open scan."""
     for start, stop in _consecutive_runs(frame_numbers):
         for batch in scan.iter_frames(start, stop, batch_size):
             for b in range(len(batch.frames)):
                 yield batch.frames[b], batch.bad_pixels[b]
+
+
+def _open_source_scan(result: ScanResult, what: str) -> "Scan":
+    """The scan ``result`` was predicted from, opened (the caller closes it)."""
+    # h5py is heavy and only needed when a scan is re-read
+    from dipid.io import open_scan
+
+    if not result.scan_path:
+        raise ScanError(
+            f"this scan result has no scan file (scan_path is None) to re-read counts from; "
+            f"pass counts=(F, H, W) array of the predicted frames to {what}"
+        )
+    return open_scan(result.scan_path)
+
+
+def read_counts(result: ScanResult, scan: "Scan | None" = None) -> np.ndarray:
+    """(F, H, W) float32 filled counts of ``result``'s held frames (``ScanResult.read_counts``).
+
+    Args:
+        result: the predictions.
+        scan: an open :class:`dipid.io.Scan` to read from (left open); None opens
+            ``result.scan_path`` and closes it again.
+    Raises:
+        ScanError: ``scan`` is None and the result has no scan file.
+    """
+    if scan is not None:
+        return scan.read_frames(result.frame_numbers)[0]
+    with _open_source_scan(result, "ScanResult.read_counts") as opened:
+        return opened.read_frames(result.frame_numbers)[0]
 
 
 def scan_peaks(
@@ -662,30 +689,21 @@ def scan_peaks(
             match the result's frames.
     """
     frame_numbers = result.frame_numbers
-    per_frame = [result.frames[int(f)].instances(model) for f in frame_numbers]
+    per_frame = result.instances(model)
     labels = link_peaks_3d(
         stack_labels(per_frame, result.frame_shape), max_gap=max_gap, connectivity=connectivity,
         min_overlap=min_overlap, min_frames=min_frames, frame_numbers=frame_numbers,
     )
-    source: CountsSource
-    if counts is None:
-        if not result.scan_path:
-            raise ScanError(
-                "this scan result has no scan file (scan_path is None) to re-read counts from; "
-                "pass counts=(F, H, W) array of the predicted frames to scan_peaks / ScanResult.peaks"
-            )
-        source = _read_scan_frames(result.scan_path, frame_numbers, batch_size)
-    else:
+    if counts is not None:
         array = np.asarray(counts)
-        if array.ndim == 3 and len(array) != len(frame_numbers) and array.shape[0] > frame_numbers.max(initial=-1):
-            array = array[frame_numbers]  # the whole scan was passed
-        if array.ndim != 3 or array.shape != labels.shape:
+        if array.ndim == 3:
+            array = result.held(array)
+        if array.shape != labels.shape:
             raise ScanShapeError(
                 f"counts have shape {array.shape}; expected {labels.shape} (the {len(frame_numbers)} predicted "
                 f"frames) or the whole scan ({len(result.axis_values)}, {result.frame_shape[0]}, {result.frame_shape[1]})",
                 file=result.scan_path,
             )
-        source = array
 
     held = [result.frames[int(f)] for f in frame_numbers]
     has_bad = any(frame.bad_pixels is not None for frame in held)
@@ -694,13 +712,20 @@ def scan_peaks(
         mask = held[k].bad_pixels
         return np.zeros(result.frame_shape, bool) if mask is None else mask
 
-    table = peaks_table(
-        labels, source,
-        frame_numbers=frame_numbers, axis_values=result.axis_values if len(result.axis_values) else None,
-        axis_name=result.axis_name,
-        scores=lambda k: _score_image(per_frame[k]), sources=lambda k: _source_image(per_frame[k]),
-        bad_pixels=bad_frame if has_bad else None, background_annulus=background_annulus,
-    )
+    with contextlib.ExitStack() as opened:
+        source: CountsSource
+        if counts is None:  # re-read a batch at a time; the scan is closed when the table is done
+            scan = opened.enter_context(_open_source_scan(result, "scan_peaks / ScanResult.peaks"))
+            source = _scan_frames(scan, frame_numbers, batch_size)
+        else:
+            source = array
+        table = peaks_table(
+            labels, source,
+            frame_numbers=frame_numbers, axis_values=result.axis_values if len(result.axis_values) else None,
+            axis_name=result.axis_name,
+            scores=lambda k: _score_image(per_frame[k]), sources=lambda k: _source_image(per_frame[k]),
+            bad_pixels=bad_frame if has_bad else None, background_annulus=background_annulus,
+        )
     logger.info("linked %d frames of %s instances into %d 3D peaks", len(frame_numbers), model, len(table["id"]))
     return Peaks3D(
         table=table, labels=labels, frame_numbers=frame_numbers, axis_name=result.axis_name, model=model,

@@ -6,21 +6,11 @@ import numpy as np
 import pytest
 
 from dipid.io.coco import FrameLabels
-from dipid.postprocess import (
-    SOURCE_CLASSICAL,
-    SOURCE_SSL,
-    SOURCE_TLM,
-    binarize_masks,
-    connected_instances,
-    filter_instances,
-    fuse_instances,
-    instance_areas,
-    label_image,
-    mask_nms,
-    masks_to_boxes,
-)
+from dipid.postprocess import connected_instances, fuse_instances, mask_nms, masks_to_boxes
+from dipid.results import SOURCE_FLAGS
 
 SHAPE = (12, 16)
+SOURCE_TLM, SOURCE_SSL, SOURCE_CLASSICAL = SOURCE_FLAGS["tlm"], SOURCE_FLAGS["ssl"], SOURCE_FLAGS["classical"]
 
 
 def box_mask(rows: slice, cols: slice, shape: tuple[int, int] = SHAPE) -> np.ndarray:
@@ -46,20 +36,6 @@ def test_masks_to_boxes_agrees_with_pycocotools():
     masks[:, 5, 5] = True  # none empty
     expected = FrameLabels.from_masks("s", 0, masks).boxes_xyxy()
     np.testing.assert_array_equal(masks_to_boxes(masks), expected)
-
-
-def test_instance_areas_and_filter():
-    masks = np.stack([box_mask(slice(0, 2), slice(0, 2)), box_mask(slice(4, 5), slice(0, 3)), box_mask(slice(6, 9), slice(6, 9))])
-    areas = instance_areas(masks)
-    assert areas.dtype == np.int64
-    np.testing.assert_array_equal(areas, [4, 3, 9])
-    scores = np.array([0.9, 0.8, 0.2])
-    np.testing.assert_array_equal(filter_instances(masks, scores, score_threshold=0.5), [0, 1])
-    np.testing.assert_array_equal(filter_instances(masks, scores, min_area=4), [0, 2])
-    np.testing.assert_array_equal(filter_instances(masks, scores, score_threshold=0.5, min_area=4), [0])
-    np.testing.assert_array_equal(filter_instances(masks, scores, score_threshold=0.8), [0, 1])  # >= threshold
-    with pytest.raises(ValueError):
-        filter_instances(masks, scores[:2])
 
 
 def test_mask_nms_suppresses_by_mask_iou():
@@ -98,12 +74,6 @@ def test_mask_nms_threshold_is_strict_and_handles_edge_sizes():
     np.testing.assert_array_equal(mask_nms(a[None], np.array([0.1])), [0])
 
 
-def test_binarize_masks():
-    probs = np.array([[[0.2, 0.5], [0.7, 0.49]]])
-    np.testing.assert_array_equal(binarize_masks(probs), [[[False, True], [True, False]]])
-    np.testing.assert_array_equal(binarize_masks(probs, 0.7), [[[False, False], [True, False]]])
-
-
 def test_connected_instances_areas_scores_and_order():
     binary = np.zeros(SHAPE, bool)
     binary[0:2, 0:3] = True     # 6 px, probability 0.6
@@ -122,7 +92,7 @@ def test_connected_instances_areas_scores_and_order():
     assert len(masks) == 3
     np.testing.assert_array_equal(scores, [1.0, 1.0, 1.0])
     # without probabilities, ties keep raster order of the components
-    np.testing.assert_array_equal(instance_areas(masks), [6, 4, 2])
+    np.testing.assert_array_equal(masks.sum(axis=(1, 2)), [6, 4, 2])
 
 
 def test_connected_instances_connectivity():
@@ -135,17 +105,6 @@ def test_connected_instances_connectivity():
     assert empty.masks.shape == (0, *SHAPE) and empty.scores.shape == (0,)
     with pytest.raises(ValueError):
         connected_instances(binary, connectivity=3)
-
-
-def test_label_image_earlier_instance_wins():
-    a = box_mask(slice(0, 3), slice(0, 3))
-    b = box_mask(slice(2, 5), slice(2, 5))  # overlaps a at (2, 2)
-    labels = label_image(np.stack([a, b]))
-    assert labels.dtype == np.int32
-    assert labels[2, 2] == 1
-    assert labels[0, 0] == 1 and labels[4, 4] == 2 and labels[8, 8] == 0
-    assert np.count_nonzero(labels == 2) == 8
-    np.testing.assert_array_equal(label_image(np.zeros((0, *SHAPE), bool)), np.zeros(SHAPE, np.int32))
 
 
 # --- fusion ----------------------------------------------------------------------------------

@@ -225,3 +225,110 @@ def test_peak_of_instances_matches_the_whole_frame_maximum():
     expected = np.nan_to_num(np.asarray(ndimage.maximum(peak_labels, labels, np.arange(1, len(inst) + 1)), float))
     assert _peak_of_instances(peak_labels, labels, inst.boxes) == [int(v) for v in expected]
     assert [int(v) for v in expected][2:4] == [0, 0] and int(expected[4]) == 7
+
+
+# ------------------------------------------------------------------------------ ScanResult round trip
+
+
+def _overlapping_result() -> tuple[ScanResult, np.ndarray]:
+    """Frames 1, 2, 4 of a 6-frame eta scan with every model: TLM instances overlap (a label image
+    loses the shared pixels), the SSLM mask holds a component too small to be an instance, and the
+    classical finder ran on the held frames only partly."""
+    rng = np.random.default_rng(8)
+    counts = rng.poisson(2.0, (3, H, W)).astype(np.float32)
+    frames = {}
+    for k, frame in enumerate((1, 2, 4)):
+        masks = np.zeros((3, H, W), bool)
+        masks[0, 3:9, 4:12] = True
+        masks[1, 6:12, 9:15] = True  # overlaps instance 0
+        masks[2, 14:18, 20 + k:26 + k] = True
+        masks[2, 15, 19 + k] = True  # a ragged edge: masks are not boxes
+        counts[k][masks.any(axis=0)] += 40.0
+        tlm = Instances.from_masks(masks, [0.9, 0.7 - 0.1 * k, 0.55], SOURCE_FLAGS["tlm"])
+        ssl_inst = Instances.from_masks(masks[2:], [0.61], SOURCE_FLAGS["ssl"])
+        ssl_mask = ssl_inst.union_mask()
+        ssl_mask[0, 0] = True  # below min_area: in the segmentation, not an instance
+        tlm_flag, ssl_flag = SOURCE_FLAGS["tlm"], SOURCE_FLAGS["ssl"]
+        joint = Instances.from_masks(masks, [0.95, 0.72, 0.8], [tlm_flag, tlm_flag, tlm_flag | ssl_flag])
+        classical = Instances.from_masks(masks[:1], [0.5], SOURCE_FLAGS["classical"])
+        frames[frame] = ImageResult(
+            frame=frame, shape=(H, W), joint=joint, tlm=tlm, classical=classical,
+            ssl=SSLOutput(probability=None, mask=ssl_mask, instances=ssl_inst),
+        )
+    result = ScanResult(
+        frames=frames, axis_name="eta", axis_values=np.array([10.0, 10.1, 10.2, 10.3, 10.4, 10.5]),
+        frame_shape=(H, W), scan_path="/data/9000.nxs",
+        metadata={"scan": {"title": "scan eta 10 10.5 0.1", "n_frames": 6}, "models": ["tlm", "ssl", "classical"],
+                  "parameters": {"threshold": 0.5, "tile": None, "weights": {"tlm": {"sha256": "ef" * 32}}},
+                  "note": "kept"},
+    )
+    return result, counts
+
+
+def _assert_same_instances(a: Instances, b: Instances) -> None:
+    assert a.shape == b.shape
+    np.testing.assert_array_equal(a.boxes, b.boxes)
+    assert len(a.crops) == len(b.crops)
+    for x, y in zip(a.crops, b.crops):
+        assert x.dtype == y.dtype == bool
+        np.testing.assert_array_equal(x, y)
+    np.testing.assert_array_equal(a.scores, b.scores)
+    assert a.scores.dtype == b.scores.dtype == np.float32
+    np.testing.assert_array_equal(a.sources, b.sources)
+
+
+def test_scan_result_round_trips_through_its_nexus_file(tmp_path):
+    result, counts = _overlapping_result()
+    tlm = result[1].tlm
+    assert np.count_nonzero(result.label_volume("tlm")[0] == 2) < tlm.areas[1], "the label image loses pixels"
+    path = result.to_nexus(tmp_path / "9000_dipid.nxs", peaks=result.peaks(counts))
+    back = ScanResult.from_nexus(path)
+    assert isinstance(back, ScanResult)
+    np.testing.assert_array_equal(back.frame_numbers, [1, 2, 4])
+    assert back.frame_shape == (H, W) and back.axis_name == "eta" and back.scan_path == "/data/9000.nxs"
+    np.testing.assert_array_equal(back.axis_values, result.axis_values)  # the whole scan's, not only the held
+    assert back.metadata == result.metadata
+    assert back.models_present() == result.models_present() == ["tlm", "ssl", "joint", "classical"]
+    for f in result.frame_numbers:
+        assert back[f].frame == f and back[f].shape == (H, W)
+        for model in result.models_present():
+            _assert_same_instances(back[f].instances(model), result[f].instances(model))
+        np.testing.assert_array_equal(back[f].ssl.mask, result[f].ssl.mask)
+        assert back[f].ssl.probability is None
+    # the same file again from the read-back result: the round trip is stable
+    again = ScanResult.from_nexus(back.to_nexus(tmp_path / "again.nxs", peaks=back.peaks(counts)))
+    for f in result.frame_numbers:
+        _assert_same_instances(again[f].joint, result[f].joint)
+
+
+def test_results_files_written_before_exact_masks_still_load(tmp_path):
+    """Older files lack instance_masks, process/scan_axis, process/result_metadata and the SSLM
+    segmentation (the rest of the layout is unchanged): removing them gives such a file."""
+    result, counts = _overlapping_result()
+    path = write_results_nexus(tmp_path / "old.nxs", result, peaks=scan_peaks(result, counts),
+                               parameters={"threshold": 0.5, "min_frames": 1})
+    with h5py.File(path, "r+") as h5:
+        for name in ("entry/instance_masks", "entry/process/scan_axis", "entry/process/result_metadata",
+                     "entry/ssl_masks/segmentation"):
+            del h5[name]
+    old = read_results_nexus(path)
+    assert old.instance_crops is None and old.scan_axis_values is None and old.result_metadata is None
+    back = ScanResult.from_nexus(path)
+    np.testing.assert_array_equal(back.frame_numbers, [1, 2, 4])
+    # only the held frames' axis values are known
+    np.testing.assert_array_equal(back.axis_values[[1, 2, 4]], result.axis_values[[1, 2, 4]])
+    assert np.isnan(back.axis_values[[0, 3]]).all() and len(back.axis_values) == 5
+    assert back.metadata == {"scan": result.metadata["scan"], "models": ["tlm", "ssl", "classical"],
+                             "parameters": {"threshold": 0.5, "min_frames": 1}}
+    for f in result.frame_numbers:
+        for model in ("ssl", "classical"):  # no overlaps: exact from the label images
+            _assert_same_instances(back[f].instances(model), result[f].instances(model))
+        for model in ("tlm", "joint"):  # instance 1 lost the pixels it shares with instance 0
+            got, want = back[f].instances(model), result[f].instances(model)
+            np.testing.assert_array_equal(got.boxes, want.boxes)
+            np.testing.assert_array_equal(got.scores, want.scores)
+            np.testing.assert_array_equal(got.sources, want.sources)
+            kept = want.label_image() == np.arange(1, 4)[:, None, None]
+            np.testing.assert_array_equal(got.masks, want.masks & kept)
+            assert got.areas[1] < want.areas[1]
+        np.testing.assert_array_equal(back[f].ssl.mask, result[f].ssl.instances.union_mask())

@@ -587,3 +587,17 @@ def test_generate_3d_plot_of_a_scan_without_masks():
     assert _array(fig.data[0].x).size == 0
     assert any("no masked pixels" in a.text for a in fig.layout.annotations)
     assert fig.layout.scene.yaxis.title.text == "hkl_l (r.l.u.)"
+
+
+def test_package_names_resolve_and_geometry_needs_no_plotly():
+    import subprocess
+    import sys
+
+    for name in viz.__all__:
+        assert getattr(viz, name) is not None
+    code = ("import sys, dipid.viz, dipid.viz.geometry; from dipid.viz import mask_outline, PALETTE; "
+            "print('plotly' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+    with pytest.raises(AttributeError, match="no_such_name"):
+        viz.no_such_name  # noqa: B018

@@ -12,6 +12,7 @@ from dipid.volume import (
     link_peaks_3d,
     match_peaks_3d,
     peaks_table,
+    read_counts,
     scan_peaks,
     stack_labels,
     stack_masks,
@@ -50,6 +51,18 @@ def test_stack_masks_and_labels_paste_crops_back():
     assert not union[1].any()
     np.testing.assert_array_equal(labels[0][masks[0]], 1)
     np.testing.assert_array_equal(labels[0][masks[1]], 2)
+
+
+def test_label_image_earlier_instance_wins_overlaps():
+    masks = np.zeros((2, H, W), bool)
+    masks[0, 0:3, 0:3] = True
+    masks[1, 2:5, 2:5] = True  # overlaps instance 0 at (2, 2)
+    found = Instances.from_masks(masks, [0.9, 0.8], SOURCE_FLAGS["tlm"])
+    labels = stack_labels([found, Instances.empty((H, W))], (H, W))
+    assert labels.dtype == np.int32
+    assert labels[0, 2, 2] == 1 and labels[0, 0, 0] == 1 and labels[0, 4, 4] == 2 and labels[0, 8, 8] == 0
+    assert np.count_nonzero(labels[0] == 2) == 8
+    assert not labels[1].any()
 
 
 # ------------------------------------------------------------------------------ linking
@@ -392,3 +405,41 @@ def test_match_peaks_3d_is_one_to_one():
     assert (result["tp"], result["fp"], result["fn"]) == (1, 1, 0)
     empty = match_peaks_3d(np.zeros_like(truth), np.zeros_like(truth))
     assert empty["precision"] == empty["recall"] == 1.0
+
+
+def test_scan_peaks_and_read_counts_close_the_scans_they_open(tmp_path, monkeypatch):
+    import dipid.io
+    from dipid.io.scan import Scan
+    from dipid.synth import simulate_scan
+
+    path = simulate_scan(n_frames=4, preset="easy", seed=2).write(tmp_path, "s").nexus
+    with dipid.io.open_scan(path) as scan:
+        shape = scan.frame_shape
+        counts = scan.read_frames([0, 1, 2, 3])[0]
+    opened, closed = [], []
+    real_open, real_close = dipid.io.open_scan, Scan.close
+
+    def spy_open(*args, **kwargs):
+        opened.append(real_open(*args, **kwargs))
+        return opened[-1]
+
+    def spy_close(self):
+        closed.append(self)
+        real_close(self)
+
+    monkeypatch.setattr(dipid.io, "open_scan", spy_open)
+    monkeypatch.setattr(Scan, "close", spy_close)
+    masks = np.zeros((1, *shape), bool)
+    masks[0, 5:9, 5:9] = True
+    found = Instances.from_masks(masks, [0.9], SOURCE_FLAGS["tlm"])
+    result = ScanResult(frames={k: ImageResult(frame=k, shape=shape, joint=found) for k in (0, 2, 3)},
+                        axis_name="frame", axis_values=np.arange(4.0), frame_shape=shape, scan_path=str(path))
+    np.testing.assert_array_equal(read_counts(result), counts[[0, 2, 3]])
+    assert len(opened) == 1 and opened[0] in closed
+    peaks = scan_peaks(result)
+    assert len(opened) == 2 and opened[1] in closed
+    assert peaks.table["max_counts"][0] == pytest.approx(counts[[0, 2, 3], 5:9, 5:9].max())
+    # a scan the caller opened is read, not closed
+    with real_open(path) as mine:
+        read_counts(result, mine)
+        assert mine not in closed

@@ -7,19 +7,29 @@ Layout (NeXpy and nexusformat open it; ``/entry@default`` plots the 3D peak labe
       process               NXprocess: program="dipid", version, date, source_scan, models,
                             weights (NXcollection: sha256 per model), parameters (NXcollection:
                             one dataset per parameter, nested values as JSON strings),
-                            parameters_json (NXnote: every parameter, exact), scan_metadata (NXnote)
+                            parameters_json (NXnote: every parameter, exact), scan_metadata (NXnote),
+                            result_metadata (NXnote: the ScanResult's metadata), scan_axis
+                            (n_scan,) float64: the axis value of every frame of the scan
       results               NXdata, @signal="peak_labels", @axes=[<axis>, ".", "."]:
                             peak_labels (F, H, W) int32, <axis> (F,) float64, frame (F,) int64
       <model>_masks         NXdata per model present (tlm, ssl, joint, classical): instance_labels
                             (F, H, W) uint16 per-frame instance label images (0 = none, i + 1 =
-                            instance i of that frame), same axes
+                            instance i of that frame), same axes; ssl_masks also holds
+                            segmentation (F, H, W) uint8, the SSLM's peak/background mask
       peaks                 NXdata, @signal="intensity", @axes=["id"]: one 1D dataset per
                             peak-table column (strings as variable-length UTF-8)
       instances             NXcollection: one row per per-frame instance of every model, 1D
                             columns model, frame, instance, peak, score, area, x0, y0, x1, y1,
                             row, col, source
+      instance_masks        NXcollection: each instance's exact mask (label images lose the pixels
+                            where instances overlap): pixels (P,) uint8, the masks inside the boxes
+                            of the instances rows, each row-major, concatenated; offsets (R + 1,)
+                            int64, where row r's pixels start
 
 Volumes are gzip-compressed in one chunk per frame, so a viewer reads a frame at a time.
+:func:`read_scan_result` (``ScanResult.from_nexus``) reads a file back into the ScanResult that
+wrote it; files written before instance_masks, scan_axis and result_metadata existed still load
+(masks from the label images, the axis of the held frames only, metadata from the process notes).
 """
 
 from __future__ import annotations
@@ -36,13 +46,14 @@ from typing import Any
 import h5py
 import numpy as np
 
+from dipid import __version__
 from dipid.errors import CorruptFileError, NotHDF5Error, ScanError, ScanFileNotFoundError
 from dipid.files import atomic_path, to_jsonable
-from dipid.results import MODEL_KINDS, ScanResult
+from dipid.results import MODEL_KINDS, ImageResult, Instances, ScanResult, SSLOutput, source_flags
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["write_results_nexus", "read_results_nexus", "ResultsFile"]
+__all__ = ["write_results_nexus", "read_results_nexus", "read_scan_result", "ResultsFile"]
 
 _STR = h5py.string_dtype("utf-8")
 #: Units of the peak-table columns (NeXus ``units`` attributes).
@@ -57,14 +68,6 @@ def _safe_name(name: str) -> str:
     """An HDF5/NeXus-friendly field name: letters, digits and underscores."""
     cleaned = re.sub(r"[^A-Za-z0-9_]", "_", str(name)) or "_"
     return cleaned if not cleaned[0].isdigit() else f"_{cleaned}"
-
-
-def _models_present(result: ScanResult) -> list[str]:
-    present = []
-    for kind in MODEL_KINDS:
-        if any(getattr(frame, kind) is not None for frame in result.frames.values()):
-            present.append(kind)
-    return present
 
 
 def _write_volume(group: h5py.Group, name: str, volume: np.ndarray) -> h5py.Dataset:
@@ -140,19 +143,20 @@ def _peak_of_instances(peak_labels: np.ndarray, instance_labels: np.ndarray, box
 
 
 def _instances_columns(result: ScanResult, models: Sequence[str], peak_labels: np.ndarray | None,
-                       peak_model: str | None) -> dict[str, Any]:
+                       peak_model: str | None) -> tuple[dict[str, Any], list[np.ndarray]]:
     """Rows of every per-frame instance of every model: model, frame, instance (1-based label in
     ``<model>_masks``), peak (3D peak id for the model the peaks were linked from, else 0), score,
-    area, box, centroid, source."""
+    area, box, centroid, source; and each row's mask crop."""
     columns: dict[str, list] = {name: [] for name in
                                 ("model", "frame", "instance", "peak", "score", "area", "x0", "y0", "x1", "y1",
                                  "row", "col", "source")}
+    crops: list[np.ndarray] = []
     frame_numbers = result.frame_numbers
     for model in models:
-        for k, frame in enumerate(frame_numbers):
-            inst = result.frames[int(frame)].instances(model)
+        for k, (frame, inst) in enumerate(zip(frame_numbers, result.instances(model))):
             if not len(inst):
                 continue
+            crops += inst.crops
             table = inst.to_dict()
             n = len(inst)
             peaks = [0] * n
@@ -169,7 +173,7 @@ def _instances_columns(result: ScanResult, models: Sequence[str], peak_labels: n
     out: dict[str, Any] = {}
     for name, values in columns.items():
         out[name] = np.asarray(values, dtype=dtypes[name]) if name in dtypes else values
-    return out
+    return out, crops
 
 
 def write_results_nexus(
@@ -201,13 +205,11 @@ def write_results_nexus(
     Returns:
         the destination path.
     """
-    from dipid.volume import link_peaks_3d, stack_labels
-
     path = Path(path)
     frame_numbers = result.frame_numbers
     n_frames = len(frame_numbers)
     height, width = result.frame_shape
-    present = _models_present(result)
+    present = result.models_present()
     table = None
     peak_model = None
     if peaks is not None:
@@ -216,18 +218,19 @@ def write_results_nexus(
         if peak_labels is None and hasattr(peaks, "labels"):
             peak_labels = peaks.labels
     if peak_labels is None:
+        # Linking is dipid.volume's (a layer above io), needed only when the caller gave no peaks
+        from dipid.volume import link_peaks_3d
+
         peak_model = "joint" if "joint" in present or not present else present[0]
-        per_frame = [result.frames[int(f)].instances(peak_model) for f in frame_numbers]
-        peak_labels = link_peaks_3d(stack_labels(per_frame, (height, width)), frame_numbers=frame_numbers)
+        peak_labels = link_peaks_3d(result.label_volume(peak_model), frame_numbers=frame_numbers)
     peak_labels = np.asarray(peak_labels)
     if peak_labels.shape != (n_frames, height, width):
         raise ValueError(f"peak_labels have shape {peak_labels.shape}; the result holds {(n_frames, height, width)}")
     peak_labels = peak_labels.astype(np.int32, copy=False)
 
     axis = _safe_name(result.axis_name or "frame")
-    all_axis = np.asarray(result.axis_values, dtype=np.float64)
-    axis_values = (all_axis[frame_numbers] if n_frames and len(all_axis) > frame_numbers.max()
-                   else frame_numbers.astype(np.float64))
+    held_axis = result.held_axis_values()
+    axis_values = held_axis if held_axis is not None else frame_numbers.astype(np.float64)
     metadata = result.metadata or {}
     if parameters is None:
         parameters = dict(metadata.get("parameters") or {})
@@ -238,7 +241,7 @@ def write_results_nexus(
         weights_sha256 = {name: info["sha256"] for name, info in weights.items()
                           if isinstance(info, Mapping) and "sha256" in info}
     if software_version is None:
-        from dipid import __version__ as software_version
+        software_version = __version__
     now = datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")
 
     with atomic_path(path) as temp:
@@ -261,18 +264,21 @@ def write_results_nexus(
                            parameters=dict(parameters or {}))
             _write_results(entry, peak_labels, axis, axis_values, frame_numbers, result.axis_name or "frame")
             for model in present:
-                per_frame = [result.frames[int(f)].instances(model) for f in frame_numbers]
-                labels = stack_labels(per_frame, (height, width))
+                labels = result.label_volume(model)
                 group = entry.create_group(f"{model}_masks")
                 group.attrs["NX_class"] = "NXdata"
                 dtype = np.uint16 if labels.max(initial=0) <= np.iinfo(np.uint16).max else np.int32
                 dataset = _write_volume(group, "instance_labels", labels.astype(dtype))
                 dataset.attrs["long_name"] = f"{model} instance labels (0 = none, i + 1 = instance i of the frame)"
+                if model == "ssl":
+                    _write_ssl_segmentation(group, result)
                 _axis_datasets(group, axis, axis_values, frame_numbers, result.axis_name or "frame")
                 _set_axes(group, "instance_labels", axis)
             if table is not None:
                 _write_peaks(entry, table)
-            _write_instances(entry, _instances_columns(result, present, peak_labels, peak_model))
+            columns, crops = _instances_columns(result, present, peak_labels, peak_model)
+            _write_instances(entry, columns)
+            _write_instance_masks(entry, crops)
     logger.info("wrote %s (%d frames, %d peaks)", path, n_frames, int(peak_labels.max(initial=0)))
     return path
 
@@ -294,11 +300,15 @@ def _write_process(entry: h5py.Group, result: ScanResult, *, software_version: s
     collection.attrs["NX_class"] = "NXcollection"
     for name, value in parameters.items():
         _write_parameter(collection, name, value)
-    for note_name, content in (("parameters_json", parameters), ("scan_metadata", (result.metadata or {}).get("scan", {}))):
+    metadata = result.metadata or {}
+    for note_name, content in (("parameters_json", parameters), ("scan_metadata", metadata.get("scan", {})),
+                               ("result_metadata", metadata)):
         note = process.create_group(note_name)
         note.attrs["NX_class"] = "NXnote"
         note.create_dataset("type", data="application/json", dtype=_STR)
         note.create_dataset("data", data=json.dumps(to_jsonable(content), sort_keys=True), dtype=_STR)
+    scan_axis = process.create_dataset("scan_axis", data=np.asarray(result.axis_values, dtype=np.float64).reshape(-1))
+    scan_axis.attrs["long_name"] = result.axis_name or "frame"
 
 
 def _write_results(entry: h5py.Group, peak_labels: np.ndarray, axis: str, axis_values: np.ndarray,
@@ -337,6 +347,29 @@ def _write_instances(entry: h5py.Group, columns: Mapping[str, Any]) -> None:
     group.attrs["columns"] = json.dumps(list(columns))
 
 
+def _write_instance_masks(entry: h5py.Group, crops: Sequence[np.ndarray]) -> None:
+    """Each instances row's mask crop, row-major, concatenated (see the module docstring)."""
+    group = entry.create_group("instance_masks")
+    group.attrs["NX_class"] = "NXcollection"
+    offsets = np.concatenate([[0], np.cumsum([crop.size for crop in crops], dtype=np.int64)]).astype(np.int64)
+    pixels = (np.concatenate([crop.reshape(-1) for crop in crops]) if crops else np.zeros(0, bool)).astype(np.uint8)
+    options = {"compression": "gzip", "compression_opts": 4, "shuffle": True} if pixels.size else {}
+    dataset = group.create_dataset("pixels", data=pixels, **options)
+    dataset.attrs["long_name"] = ("instance masks inside their boxes (y1 - y0, x1 - x0), row-major, "
+                                  "in /entry/instances order")
+    group.create_dataset("offsets", data=offsets).attrs["long_name"] = "start of each instances row in pixels"
+
+
+def _write_ssl_segmentation(group: h5py.Group, result: ScanResult) -> None:
+    """The SSLM's peak/background mask of each held frame (zeros where the SSLM did not run)."""
+    masks = np.zeros((len(result), *result.frame_shape), np.uint8)
+    for k, f in enumerate(result.frame_numbers):
+        ssl = result.frames[int(f)].ssl
+        if ssl is not None:
+            masks[k] = ssl.mask
+    _write_volume(group, "segmentation", masks).attrs["long_name"] = "SSLM peak/background segmentation (1 = peak)"
+
+
 # ---------------------------------------------------------------------------------------------
 # reading
 
@@ -358,6 +391,10 @@ class ResultsFile:
         models: model names recorded; weights_sha256: model -> sha256.
         software_version, date, source_scan: provenance.
         scan_metadata: the scan's metadata dict.
+        result_metadata: the ScanResult's metadata (None in files written before it was recorded).
+        scan_axis_values: (n_scan,) float64 axis value of every frame of the scan (None in older files).
+        instance_crops: each ``instances`` row's exact mask inside its box (None in older files).
+        ssl_segmentation: (F, H, W) bool SSLM peak/background masks (None when absent).
     """
 
     path: Path
@@ -375,10 +412,56 @@ class ResultsFile:
     date: str = ""
     source_scan: str = ""
     scan_metadata: dict[str, Any] = field(default_factory=dict)
+    result_metadata: dict[str, Any] | None = None
+    scan_axis_values: np.ndarray | None = None
+    instance_crops: list[np.ndarray] | None = None
+    ssl_segmentation: np.ndarray | None = None
 
     @property
     def frame_shape(self) -> tuple[int, int]:
         return (int(self.peak_labels.shape[1]), int(self.peak_labels.shape[2]))
+
+    def to_scan_result(self) -> ScanResult:
+        """The ScanResult this file was written from (see :func:`read_scan_result`)."""
+        table = self.instances
+        rows: dict[tuple[str, int], list[int]] = {}
+        for r, (model, frame) in enumerate(zip(table.get("model", []), table.get("frame", []))):
+            rows.setdefault((str(model), int(frame)), []).append(r)
+        shape = self.frame_shape
+        frames: dict[int, ImageResult] = {}
+        for k, frame in enumerate(self.frame_numbers.tolist()):
+            found = {model: self._instances(model, k, rows.get((model, frame), [])) for model in self.model_labels}
+            ssl = None
+            if "ssl" in found:
+                mask = (self.ssl_segmentation[k] if self.ssl_segmentation is not None
+                        else found["ssl"].union_mask())
+                ssl = SSLOutput(probability=None, mask=mask, instances=found["ssl"])
+            frames[frame] = ImageResult(frame=frame, shape=shape, joint=found.get("joint", Instances.empty(shape)),
+                                        tlm=found.get("tlm"), ssl=ssl, classical=found.get("classical"))
+        if self.scan_axis_values is not None:
+            axis_values = self.scan_axis_values
+        else:  # older files hold the held frames' values only; the other frames' are unknown
+            axis_values = np.full(int(self.frame_numbers.max(initial=-1)) + 1, np.nan)
+            axis_values[self.frame_numbers] = self.axis_values
+        metadata = (self.result_metadata if self.result_metadata is not None
+                    else {"scan": self.scan_metadata, "models": list(self.models), "parameters": self.parameters})
+        return ScanResult(frames=frames, axis_name=self.axis_name, axis_values=axis_values, frame_shape=shape,
+                          scan_path=self.source_scan or None, metadata=metadata)
+
+    def _instances(self, model: str, k: int, rows: list[int]) -> Instances:
+        """``model``'s instances of held frame k from the instances rows, in instance order."""
+        table = self.instances
+        rows = sorted(rows, key=lambda r: int(table["instance"][r]))
+        corners = [[int(table[c][r]) for c in ("x0", "y0", "x1", "y1")] for r in rows]
+        boxes = np.asarray(corners, np.int32).reshape(-1, 4)
+        if self.instance_crops is not None:
+            crops = [self.instance_crops[r] for r in rows]
+        else:  # older files: the label image, where an overlapped instance lost pixels to an earlier one
+            labels = self.model_labels[model][k]
+            crops = [labels[y0:y1, x0:x1] == int(table["instance"][r]) for r, (x0, y0, x1, y1) in zip(rows, boxes)]
+        scores = np.asarray([table["score"][r] for r in rows], np.float32)
+        sources = np.asarray([source_flags(table["source"][r]) for r in rows], np.uint8)
+        return Instances(boxes, crops, scores, sources, self.frame_shape)
 
 
 def _read_column(dataset: h5py.Dataset) -> Any:
@@ -402,8 +485,25 @@ def _text(group: h5py.Group, name: str) -> str:
     return str(group[name].asstr()[()]) if name in group else ""
 
 
+def read_scan_result(path: str | Path) -> ScanResult:
+    """Read a file written by :func:`write_results_nexus` back into a :class:`ScanResult`
+    (``ScanResult.from_nexus``): the held frames with each model's instances (masks, scores,
+    sources), the axis, the frame shape, the scan path and the metadata.
+
+    Not stored, so not read back: the SSLM probability maps (``probability`` is None), the frames'
+    bad-pixel masks and timings. A model present in some frames is present (empty) in all. Files
+    written before the exact masks were stored give the masks of the label images (an instance
+    overlapped by an earlier one lacks the shared pixels) and NaN axis values for frames not held.
+
+    Raises:
+        the errors of :func:`read_results_nexus`.
+    """
+    return read_results_nexus(path).to_scan_result()
+
+
 def read_results_nexus(path: str | Path) -> ResultsFile:
-    """Read a file written by :func:`write_results_nexus` (used by ``dipid view RESULT.nxs``).
+    """Read a file written by :func:`write_results_nexus` (used by ``dipid view RESULT.nxs``); for
+    the ScanResult that wrote it, :func:`read_scan_result`.
 
     Raises:
         ScanFileNotFoundError: no such file; NotHDF5Error: not HDF5; CorruptFileError: truncated;
@@ -443,6 +543,9 @@ def read_results_nexus(path: str | Path) -> ResultsFile:
             group = entry.get(f"{model}_masks")
             if group is not None and "instance_labels" in group:
                 out.model_labels[model] = group["instance_labels"][()]
+                if "segmentation" in group:
+                    out.ssl_segmentation = group["segmentation"][()].astype(bool)
+        out.instance_crops = _read_crops(entry.get("instance_masks"), out.instances, path)
         process = entry.get("process")
         if process is not None:
             out.software_version = _text(process, "version")
@@ -456,4 +559,27 @@ def read_results_nexus(path: str | Path) -> ResultsFile:
                 out.parameters = json.loads(_text(process["parameters_json"], "data"))
             if "scan_metadata" in process:
                 out.scan_metadata = json.loads(_text(process["scan_metadata"], "data"))
+            if "result_metadata" in process:
+                out.result_metadata = json.loads(_text(process["result_metadata"], "data"))
+            if "scan_axis" in process:
+                out.scan_axis_values = np.asarray(process["scan_axis"][()], dtype=np.float64)
     return out
+
+
+def _read_crops(group: h5py.Group | None, table: Mapping[str, Any], path: Path) -> list[np.ndarray] | None:
+    """Each instances row's mask crop from ``/entry/instance_masks``; None when the file has none."""
+    if group is None:
+        return None
+    pixels = group["pixels"][()].astype(bool)
+    offsets = group["offsets"][()]
+    n_rows = len(table.get("model", []))
+    if len(offsets) != n_rows + 1:
+        raise ScanError(f"instance_masks has offsets for {len(offsets) - 1} instances but the instances table "
+                        f"has {n_rows} rows: the file is damaged, write it again", file=path,
+                        path_in_file="/entry/instance_masks/offsets")
+    crops = []
+    for r in range(n_rows):
+        height = int(table["y1"][r]) - int(table["y0"][r])
+        width = int(table["x1"][r]) - int(table["x0"][r])
+        crops.append(pixels[offsets[r]:offsets[r + 1]].reshape(height, width))
+    return crops

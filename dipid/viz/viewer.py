@@ -1,0 +1,545 @@
+"""The standalone HTML scan viewer: one self-contained file with the 3D peaks of a scan, a frame
+slider over the log-scaled frames with each model's outlines, and the 3D-peak table.
+
+* :func:`build_viewer`: the viewer as one plotly Figure, from arrays.
+* :func:`write_viewer`: build it and write the page, shrinking the frame images until it fits.
+* :func:`view_scan_result`: the viewer of a :class:`dipid.results.ScanResult`.
+* :func:`view_results_file`: the viewer of a results NeXus file (``dipid view``).
+
+Size: the frame images are stored as integer counts under a log-spaced colour scale (so the hover
+shows exact counts without a second array) and the page is gzipped (:mod:`dipid.viz.page`). Frame
+images are shrunk by block maxima only when a scan would not otherwise fit ``max_image_bytes``
+before compression or ``max_html_bytes`` after: a 61-frame Pilatus 100K scan fits at full
+resolution in about 10-14 MB.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+
+from dipid.errors import DipidError
+from dipid.files import atomic_write_text
+from dipid.io import open_scan
+from dipid.io.results_nexus import read_results_nexus
+from dipid.results import MODEL_KINDS, ScanResult, check_model
+from dipid.viz.figures import _MODEL_LABELS, IMAGE_COLORSCALE, _scene_layout, log_count_colorscale
+from dipid.viz.geometry import (
+    _INTENSITY_COLUMNS,
+    PALETTE,
+    CountsSource,
+    Outline,
+    _connected_regions,
+    _counts_frame,
+    _dominant_peak,
+    _even_indices,
+    _join_outlines,
+    _peak_colour,
+    _peak_intensities,
+    _Peaks,
+    _peaks_from_table,
+    _peaks_from_volume,
+    _scan_axis,
+    _smallest_uint,
+    _subsample_indices,
+    axis_title,
+    block_max,
+    choose_downsample,
+    label_outlines,
+    robust_maximum,
+    surface_voxels,
+)
+from dipid.viz.page import _html_page
+
+__all__ = ["build_viewer", "write_viewer", "view_scan_result", "view_results_file"]
+
+logger = logging.getLogger(__name__)
+
+_ANIMATE_NOW = {"mode": "immediate", "frame": {"duration": 0, "redraw": True}, "transition": {"duration": 0}}
+
+
+#: write_viewer stops shrinking the frame images here (8x8 blocks: peaks are still visible).
+_MAX_IMAGE_SHRINK = 8
+
+
+def build_viewer(
+    counts: CountsSource,
+    label_volumes: Mapping[str, np.ndarray],
+    *,
+    peak_table: Mapping[str, Sequence[Any]] | None = None,
+    peak_label_volume: np.ndarray | None = None,
+    axis_name: str = "frame",
+    axis_values: np.ndarray | Sequence[float] | None = None,
+    frame_numbers: np.ndarray | Sequence[int] | None = None,
+    title: str = "dipid scan viewer",
+    max_frames: int = 121,
+    max_voxels: int = 60_000,
+    max_image_bytes: int = 48_000_000,
+    image_shrink: int | None = None,
+    start_frame: int | None = None,
+) -> go.Figure:
+    """The interactive scan viewer as one Figure (write it with :func:`write_viewer`).
+
+    Left: the 3D peaks as their surface voxels (x = column, y = scan axis, z = row), one colour
+    per 3D peak, with a marker at each peak centroid. Right: a frame slider over the log-scaled
+    frames with the outlines of one model's instances (buttons switch model), and the peak table.
+
+    Args:
+        counts: (F, H, W) counts of the F frames shown, or a function from slice index 0..F-1 to
+            that frame's (H, W) counts, or None to show the masks instead of counts. Counts are
+            rounded to integers; negative bad-pixel codes show as 0.
+        label_volumes: model name ("tlm", "ssl", "joint", "classical") -> (F, H, W) int32 per-frame
+            instance label images (0 = none, i + 1 = instance i).
+        peak_table: columns of the 3D-peak table (:func:`dipid.volume.peaks_table`): id,
+            first_frame, last_frame, centroid_frame, centroid_row, centroid_col, voxels, the axis
+            centroid (column "centroid_axis", ``axis_name`` or "<axis_name>_axis"; else
+            interpolated from centroid_frame), and optionally score, models, intensity.
+        peak_label_volume: (F, H, W) int32, 0 = none, k = 3D peak id k. When None, the 3D
+            connected regions of the "joint" masks (else the first model's) stand in for peaks.
+        axis_name: the scanned motor.
+        axis_values: (F,) scan-axis value of each slice (default: the frame numbers).
+        frame_numbers: (F,) scan frame number of each slice (default 0..F-1).
+        title: page title.
+        max_frames: the slider shows at most this many evenly spread frames.
+        max_voxels: the 3D view draws at most this many voxels.
+        max_image_bytes: budget for the slider's images before compression (the page gzips them,
+            about tenfold for detector frames); frames are shrunk by block maxima to fit.
+        image_shrink: shrink the frame images by this factor (block maxima) whatever the budget.
+        start_frame: the frame number on screen when the page opens (default: the shown frame
+            with the most instances of the default model, "joint" when given).
+    Raises:
+        UnknownNameError: for a model name outside tlm/ssl/joint/classical.
+        DipidError: when the arrays disagree in shape or there is nothing to show.
+    """
+    volumes, shape = _check_volumes(label_volumes, peak_label_volume, counts)
+    n_frames, height, width = shape
+    frame_numbers = (np.arange(n_frames, dtype=np.int64) if frame_numbers is None
+                     else np.asarray(frame_numbers, dtype=np.int64).reshape(-1))
+    if axis_values is None:
+        axis_values, axis_name = frame_numbers.astype(np.float64), "frame"
+    axis_values = np.asarray(axis_values, dtype=np.float64).reshape(-1)
+    for name, arr in (("frame_numbers", frame_numbers), ("axis_values", axis_values)):
+        if arr.shape != (n_frames,):
+            raise DipidError(f"build_viewer: {name} has {arr.size} entries but the volumes have {n_frames} frames")
+    axis_label = axis_title(axis_name)
+    models = list(volumes)
+
+    if peak_label_volume is None:
+        stand_in = "joint" if "joint" in volumes else models[0]
+        peak_label_volume = _connected_regions(volumes[stand_in])
+        logger.info("viewer: no 3D peaks given; showing the connected regions of the %s masks as peaks", stand_in)
+    peak_label_volume = np.asarray(peak_label_volume)
+    has_intensity = peak_table is not None and any(c in peak_table for c in _INTENSITY_COLUMNS)
+    intensity_by_id = (_peak_intensities(counts, peak_label_volume) if counts is not None and not has_intensity
+                       else {})
+    peaks = (_peaks_from_table(peak_table, frame_numbers, axis_values, axis_name, intensity_by_id)
+             if peak_table is not None
+             else _peaks_from_volume(peak_label_volume, frame_numbers, axis_values, intensity_by_id))
+
+    shown = _even_indices(n_frames, max_frames)
+    if shown.size < n_frames:
+        logger.info("viewer: slider shows %d of %d frames", shown.size, n_frames)
+    default_model = "joint" if "joint" in models else models[0]
+    start = _start_position(shown, frame_numbers, volumes[default_model], start_frame)
+
+    fig = go.Figure()
+    _add_peak_voxels(fig, peak_label_volume, frame_numbers, axis_values, axis_label, max_voxels)
+    _add_peak_centroids(fig, peaks, axis_label)
+    image_index = len(fig.data)
+    image = _FrameImages(counts, volumes[default_model], peak_label_volume, shown, max_image_bytes, image_shrink)
+    fig.add_trace(image.trace(int(shown[start])))
+    fig.add_trace(image.colorbar_trace())
+    outline_start = len(fig.data)
+    first_outlines = _frame_outline_traces(volumes, models, peak_label_volume, int(shown[start]))
+    for trace in first_outlines:
+        fig.add_trace(trace)
+    n_outline = len(first_outlines)
+    fig.add_trace(_table_trace(peaks, axis_label))
+
+    frames = []
+    for k in shown.tolist():
+        frames.append(go.Frame(
+            name=str(int(frame_numbers[k])),
+            data=[image.trace(k, update_only=True),
+                  *_frame_outline_traces(volumes, models, peak_label_volume, k, update_only=True)],
+            traces=[image_index, *range(outline_start, outline_start + n_outline)],
+        ))
+    fig.frames = frames
+
+    fig.update_layout(
+        title=dict(text=html.escape(title), x=0.01, y=0.985),
+        height=900,
+        margin=dict(l=10, r=10, t=40, b=10),
+        paper_bgcolor="white",
+        showlegend=False,
+        hovermode="closest",
+        scene=dict(domain=dict(x=[0.0, 0.42], y=[0.0, 0.95]), **_scene_layout(axis_label, (height, width))),
+        xaxis=dict(domain=[0.47, 0.93], range=[-0.5, width - 0.5], constrain="domain",
+                   title=dict(text="column (pixel)")),
+        yaxis=dict(domain=[0.6, 0.93], range=[height - 0.5, -0.5], scaleanchor="x", constrain="domain",
+                   constraintoward="top", title=dict(text="row (pixel)")),
+        sliders=[_slider(frame_numbers, axis_values, shown, axis_name, start)],
+        updatemenus=[_model_buttons(models, default_model, outline_start, n_outline),
+                     _play_buttons()],
+        # Read back by write_viewer; plotly.js ignores layout.meta unless a template asks for it.
+        meta={"image_shrink": image.factor, "frames_shown": int(shown.size)},
+    )
+    _show_model(fig, models, default_model, outline_start, n_outline)
+    return fig
+
+
+def write_viewer(path: str | Path, counts: CountsSource, label_volumes: Mapping[str, np.ndarray], *,
+                 compress: bool | None = None, max_html_bytes: int = 15_000_000, **kwargs: Any) -> Path:
+    """Build the viewer (arguments as :func:`build_viewer`) and write it as one standalone HTML file.
+
+    Args:
+        compress: as in :func:`save_html`.
+        max_html_bytes: when the page comes out larger (noisy frames compress less), the frame
+            images are shrunk one step further (block maxima) and the page built again.
+    Returns:
+        the path written.
+    """
+    fig = build_viewer(counts, label_volumes, **kwargs)
+    page = _html_page(fig, title=kwargs.get("title"), compress=compress)
+    # plotly.js holds a few non-ASCII characters: measure the page in bytes, as written.
+    while len(page.encode("utf-8")) > max_html_bytes:
+        shrink = int(fig.layout.meta["image_shrink"])
+        if shrink >= _MAX_IMAGE_SHRINK:
+            logger.warning("viewer page is %.1f MB even with frame images shrunk %dx", len(page) / 1e6, shrink)
+            break
+        logger.info("viewer page is %.1f MB, over %.1f MB: shrinking the frame images %dx",
+                    len(page) / 1e6, max_html_bytes / 1e6, shrink + 1)
+        fig = build_viewer(counts, label_volumes, **{**kwargs, "image_shrink": shrink + 1})
+        page = _html_page(fig, title=kwargs.get("title"), compress=compress)
+    out = atomic_write_text(path, page)
+    logger.info("viewer written to %s (%.1f MB)", out, len(page) / 1e6)
+    return out
+
+
+def view_scan_result(
+    result: ScanResult,
+    counts: np.ndarray | None,
+    path: str | Path,
+    *,
+    peak_table: Mapping[str, Sequence[Any]] | Any | None = None,
+    peak_label_volume: np.ndarray | None = None,
+    **kwargs: Any,
+) -> Path:
+    """Write the viewer of a ScanResult to ``path`` (one standalone HTML file); returns the path.
+
+    Args:
+        result: the scan's predictions; every model it holds gets a button.
+        counts: the frames' counts, either (len(result), H, W) in ``result.frame_numbers`` order or
+            the whole scan (n_scan_frames, H, W) indexed by frame number; None shows masks only.
+        path: where to write the HTML.
+        peak_table, peak_label_volume: 3D peaks over ``result.frame_numbers`` (see build_viewer).
+            A :class:`dipid.volume.Peaks3D` may be passed as ``peak_table``: its ``table`` and
+            ``labels`` are used.
+        kwargs: further build_viewer / write_viewer options (max_frames, max_voxels, title, ...).
+    """
+    frames = result.frame_numbers
+    if hasattr(peak_table, "table") and hasattr(peak_table, "labels"):
+        peaks = peak_table
+        if not np.array_equal(np.asarray(peaks.frame_numbers), frames):
+            raise DipidError("view_scan_result: the 3D peaks were linked over other frames than the result holds; "
+                             "link them from this result")
+        peak_table, peak_label_volume = peaks.table, peaks.labels
+    if frames.size == 0:
+        raise DipidError("view_scan_result: the result holds no frames; predict at least one frame first")
+    if counts is not None:
+        counts = np.asarray(counts)
+        if counts.ndim != 3 or tuple(counts.shape[1:]) != tuple(result.frame_shape):
+            raise DipidError(f"view_scan_result: counts of shape {counts.shape} do not match frames of "
+                             f"shape {tuple(result.frame_shape)}; pass the scan's (F, H, W) detector data")
+        counts = result.held(counts, what="view_scan_result: counts")
+    models = result.models_present()
+    label_volumes = {m: result.label_volume(m) for m in models}
+    axis_values, axis_name = _scan_axis(result)
+    scan_name = Path(result.scan_path).name if result.scan_path else "scan"
+    kwargs.setdefault("title", f"{scan_name}: {len(frames)} frames, scan axis {result.axis_name}")
+    return write_viewer(path, counts, label_volumes, peak_table=peak_table, peak_label_volume=peak_label_volume,
+                        axis_name=axis_name, axis_values=axis_values, frame_numbers=frames, **kwargs)
+
+
+def view_results_file(result_path: str | Path, out: str | Path | None = None) -> Path:
+    """Viewer HTML of a results file written by ``dipid predict`` / ``ScanResult.to_nexus``.
+
+    The frames' counts are re-read from the source scan recorded in the file when it is still
+    there; otherwise the viewer shows the masks alone (and says so in the log).
+    """
+    results = read_results_nexus(result_path)
+    result_path = Path(result_path)
+    out = Path(out) if out is not None else result_path.with_name(result_path.name.replace("_dipid.nxs", "") + "_view.html")
+    counts = None
+    source = Path(results.source_scan) if results.source_scan else None
+    if source is not None and source.is_file():
+        with open_scan(source) as scan:
+            counts = np.stack([scan[int(f)] for f in results.frame_numbers])
+    else:
+        logger.warning("%s: source scan %s not found; the viewer shows masks without counts", result_path, source)
+    return write_viewer(
+        out, counts, results.model_labels, peak_table=results.peaks or None, peak_label_volume=results.peak_labels,
+        axis_name=results.axis_name, axis_values=results.axis_values, frame_numbers=results.frame_numbers,
+        title=f"dipid: {source.name if source else result_path.name}",
+    )
+
+
+def _check_volumes(label_volumes: Mapping[str, np.ndarray], peak_label_volume: np.ndarray | None,
+                   counts: CountsSource) -> tuple[dict[str, np.ndarray], tuple[int, int, int]]:
+    if not label_volumes:
+        raise DipidError("build_viewer: no label volumes given; pass at least {'joint': (F, H, W) labels}")
+    volumes: dict[str, np.ndarray] = {}
+    for model in sorted(label_volumes, key=lambda m: MODEL_KINDS.index(m) if m in MODEL_KINDS else -1):
+        check_model(model)
+        volumes[model] = np.asarray(label_volumes[model])
+    shape = next(iter(volumes.values())).shape
+    if len(shape) != 3 or shape[0] == 0:
+        raise DipidError(f"build_viewer: label volumes must be (F, H, W) with F >= 1, got {shape}")
+    named = {**{f"label_volumes[{m!r}]": v for m, v in volumes.items()}, "peak_label_volume": peak_label_volume}
+    if isinstance(counts, np.ndarray):
+        named["counts"] = counts
+    for name, arr in named.items():
+        if arr is not None and np.shape(arr) != shape:
+            raise DipidError(f"build_viewer: {name} has shape {np.shape(arr)} but the label volumes are {shape}; "
+                             "pass arrays of the same frames")
+    return volumes, shape
+
+
+def _add_peak_voxels(fig: go.Figure, peak_labels: np.ndarray, frame_numbers: np.ndarray, axis_values: np.ndarray,
+                     axis_label: str, max_voxels: int) -> None:
+    """One Scatter3d per palette colour, holding the surface voxels of the peaks of that colour."""
+    k, rows, cols = np.nonzero(surface_voxels(peak_labels))
+    keep = _subsample_indices(k.size, max_voxels)
+    if keep.size < k.size:
+        logger.info("viewer: drawing %d of %d surface voxels", keep.size, k.size)
+    k, rows, cols = k[keep], rows[keep], cols[keep]
+    ids = peak_labels[k, rows, cols].astype(np.int64)
+    colour_index = (ids - 1) % len(PALETTE)
+    hover = (f"3D peak %{{customdata[0]}}<br>frame %{{customdata[1]}}<br>{axis_label} %{{y:.5g}}"
+             "<br>row %{z}, column %{x}<extra></extra>")
+    for c, colour in enumerate(PALETTE):
+        sel = colour_index == c
+        fig.add_trace(go.Scatter3d(
+            x=cols[sel].astype(np.uint16), y=axis_values[k[sel]].astype(np.float32), z=rows[sel].astype(np.uint16),
+            customdata=np.stack([ids[sel], frame_numbers[k[sel]]], axis=1).astype(np.int32),
+            mode="markers", marker=dict(size=2.5, color=colour, line=dict(width=0)),
+            # See-through, so the centroid markers inside each peak stay visible.
+            opacity=0.3,
+            hovertemplate=hover, name=f"peaks colour {c}",
+        ))
+
+
+def _add_peak_centroids(fig: go.Figure, peaks: _Peaks, axis_label: str) -> None:
+    texts = []
+    for i in range(peaks.ids.size):
+        parts = [f"<b>3D peak {peaks.ids[i]}</b>", f"frames {peaks.first_frame[i]}–{peaks.last_frame[i]}",
+                 f"{axis_label} {peaks.centroid_axis[i]:.5g}",
+                 f"row {peaks.centroid_row[i]:.1f}, column {peaks.centroid_col[i]:.1f}",
+                 f"{peaks.intensity_name} {_number_text(peaks.intensity[i])}", f"voxels {peaks.voxels[i]}"]
+        if peaks.score is not None and np.isfinite(peaks.score[i]):
+            parts.append(f"score {peaks.score[i]:.3f}")
+        if peaks.models is not None and peaks.models[i] not in ("unknown", "none", ""):
+            parts.append(f"models {peaks.models[i]}")
+        texts.append("<br>".join(parts))
+    fig.add_trace(go.Scatter3d(
+        x=peaks.centroid_col, y=peaks.centroid_axis, z=peaks.centroid_row,
+        mode="markers+text", text=[str(i) for i in peaks.ids], textposition="top center",
+        textfont=dict(size=13, color="black"),
+        marker=dict(size=7, symbol="diamond", color=[_peak_colour(i) for i in peaks.ids],
+                    line=dict(width=1, color="black")),
+        hovertext=texts, hovertemplate="%{hovertext}<extra></extra>", name="3D peak centroids",
+    ))
+
+
+def _number_text(value: float) -> str:
+    if not np.isfinite(value):
+        return "n/a"
+    return f"{value:.0f}" if abs(value) < 1e6 else f"{value:.4g}"
+
+
+class _FrameImages:
+    """The slider's frame images: integer counts (or masks) and 3D peak ids, shrunk to fit a budget."""
+
+    def __init__(self, counts: CountsSource, mask_labels: np.ndarray, peak_labels: np.ndarray, shown: np.ndarray,
+                 max_image_bytes: int, shrink: int | None = None):
+        self.counts = counts
+        self.mask_only = counts is None
+        self.mask_labels = mask_labels  # shown as the image when there are no counts
+        self.peak_labels = peak_labels
+        if self.mask_only:
+            self.max_count = self.display_top = 1.0
+            self.dtype: type = np.uint8
+        else:
+            frames = [_counts_frame(counts, k) for k in shown.tolist()] if callable(counts) else counts[shown]
+            self.max_count = max(max(float(np.nanmax(frame, initial=0)) for frame in frames), 1.0)
+            # A few hot pixels would squeeze everything else into the dark end of the scale.
+            self.display_top = max(robust_maximum(frames), 1.0)
+            self.dtype = _smallest_uint(self.max_count)
+        self.id_dtype = _smallest_uint(float(peak_labels.max(initial=0)))
+        bytes_per_pixel = np.dtype(self.dtype).itemsize + np.dtype(self.id_dtype).itemsize
+        _, height, width = mask_labels.shape
+        self.factor = (choose_downsample(shown.size, height, width, bytes_per_pixel, max_image_bytes)
+                       if shrink is None else max(int(shrink), 1))
+        if self.factor > 1 and shrink is None:
+            logger.info("viewer: frame images shrunk %dx (block maxima) to stay under %d bytes",
+                        self.factor, max_image_bytes)
+        self.scale = None if self.mask_only else log_count_colorscale(self.display_top)
+
+    def _pixels(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.mask_only:
+            z = (self.mask_labels[k] != 0).astype(self.dtype)
+        else:
+            frame = np.nan_to_num(_counts_frame(self.counts, k).astype(np.float64), nan=0.0)
+            z = np.rint(np.clip(frame, 0, self.max_count)).astype(self.dtype)
+        ids = self.peak_labels[k].astype(self.id_dtype)
+        return block_max(z[None], self.factor)[0], block_max(ids[None], self.factor)[0]
+
+    def trace(self, k: int, *, update_only: bool = False) -> go.Heatmap:
+        z, ids = self._pixels(k)
+        if update_only:
+            return go.Heatmap(z=z, customdata=ids, _validate=False)
+        f = self.factor
+        what = "mask" if self.mask_only else "counts"
+        block = f" (max of {f}x{f} pixels)" if f > 1 else ""
+        common = dict(x0=(f - 1) / 2, dx=f, y0=(f - 1) / 2, dy=f, showscale=False, name="frame",
+                      hovertemplate=(f"row %{{y}}, column %{{x}}<br>{what} %{{z}}{block}"
+                                     "<br>3D peak %{customdata} (0 = none)<extra></extra>"))
+        if self.mask_only:
+            return go.Heatmap(z=z, customdata=ids, colorscale=[[0, "black"], [1, "#808080"]], zmin=0, zmax=1, **common)
+        return go.Heatmap(z=z, customdata=ids, colorscale=self.scale.colorscale, zmin=0, zmax=self.display_top,
+                          zsmooth=False, **common)
+
+    def colorbar_trace(self) -> go.Scatter:
+        """An invisible point whose colour bar shows the frame images' log scale in counts."""
+        if self.mask_only:
+            return go.Scatter(x=[None], y=[None], mode="markers", showlegend=False, hoverinfo="skip")
+        top = math.log1p(self.display_top)
+        return go.Scatter(
+            x=[None], y=[None], mode="markers", showlegend=False, hoverinfo="skip",
+            marker=dict(color=[0.0], cmin=0.0, cmax=top, colorscale=IMAGE_COLORSCALE, showscale=True,
+                        colorbar=dict(title=dict(text="counts"), tickvals=self.scale.tickvals,
+                                      ticktext=self.scale.ticktext, x=0.94, xanchor="left", y=0.93,
+                                      yanchor="top", len=0.33, thickness=14)),
+        )
+
+
+def _frame_outline_traces(volumes: Mapping[str, np.ndarray], models: Sequence[str], peak_labels: np.ndarray,
+                          k: int, *, update_only: bool = False) -> list[go.Scatter]:
+    """For each model, one line trace per palette colour with the outlines of frame slice k.
+
+    An instance takes the colour of the 3D peak it overlaps most, so outlines match the 3D view.
+    """
+    traces = []
+    frame_peaks = peak_labels[k]
+    for model in models:
+        labels = volumes[model][k]
+        per_colour: list[list[tuple[Outline, int]]] = [[] for _ in PALETTE]
+        for outline in label_outlines(labels):
+            peak = _dominant_peak(frame_peaks[outline.box][labels[outline.box] == outline.label])
+            colour = (peak - 1) % len(PALETTE) if peak else (outline.label - 1) % len(PALETTE)
+            per_colour[colour].append((outline, peak))
+        for c, colour in enumerate(PALETTE):
+            x, y, custom = _join_outlines(per_colour[c])
+            if update_only:
+                # Frames only replace the coordinates; plotly validates them when they join the figure.
+                traces.append(go.Scatter(x=x, y=y, customdata=custom, _validate=False))
+                continue
+            label = _MODEL_LABELS[model]
+            # No hover on outlines: near a peak they would win over the pixel hover, which already
+            # names the 3D peak and shows the counts. customdata (instance, area, 3D peak) stays
+            # in the file for anyone reading it.
+            traces.append(go.Scatter(
+                x=x, y=y, customdata=custom, mode="lines", line=dict(color=colour, width=1.6),
+                name=f"{label} outlines", legendgroup=model, showlegend=False, hoverinfo="skip",
+            ))
+    return traces
+
+
+def _table_trace(peaks: _Peaks, axis_label: str) -> go.Table:
+    columns: dict[str, list[Any]] = {
+        "peak": peaks.ids.tolist(),
+        "frames": [f"{a}–{b}" for a, b in zip(peaks.first_frame, peaks.last_frame)],
+        axis_label: [f"{v:.5g}" for v in peaks.centroid_axis],
+        "row": [f"{v:.1f}" for v in peaks.centroid_row],
+        "column": [f"{v:.1f}" for v in peaks.centroid_col],
+        "voxels": peaks.voxels.tolist(),
+        peaks.intensity_name: [_number_text(v) for v in peaks.intensity],
+    }
+    if peaks.score is not None and np.isfinite(peaks.score).any():
+        columns["score"] = [f"{v:.3f}" if np.isfinite(v) else "–" for v in peaks.score]
+    if peaks.models is not None and any(m not in ("unknown", "none", "") for m in peaks.models):
+        columns["models"] = peaks.models
+    id_fill = [_peak_colour(i) for i in peaks.ids]
+    fills = [id_fill] + [["#f7f7f7"] * peaks.ids.size] * (len(columns) - 1)
+    return go.Table(
+        domain=dict(x=[0.47, 1.0], y=[0.0, 0.4]),
+        header=dict(values=[f"<b>{html.escape(c)}</b>" for c in columns], fill_color="#d9d9d9", align="center",
+                    font=dict(size=12)),
+        cells=dict(values=list(columns.values()), fill_color=fills, align="center", font=dict(size=11), height=22),
+        columnwidth=[0.6, 1.0, 1.0, 0.8, 0.8, 0.8, 1.1, 0.8, 1.2][: len(columns)],
+        name="3D peaks",
+    )
+
+
+def _start_position(shown: np.ndarray, frame_numbers: np.ndarray, labels: np.ndarray, start_frame: int | None) -> int:
+    """Position in ``shown`` of the first frame on screen: start_frame, else the one with most instances."""
+    if start_frame is not None:
+        matches = np.flatnonzero(frame_numbers[shown] == int(start_frame))
+        if matches.size == 0:
+            raise DipidError(f"build_viewer: start_frame {start_frame} is not among the frames shown "
+                             f"({', '.join(map(str, frame_numbers[shown][:8].tolist()))}, ...)")
+        return int(matches[0])
+    n_instances = [int(np.unique(labels[k]).size - (labels[k].min() == 0)) for k in shown.tolist()]
+    return int(np.argmax(n_instances))
+
+
+def _slider(frame_numbers: np.ndarray, axis_values: np.ndarray, shown: np.ndarray, axis_name: str,
+            active: int) -> dict[str, Any]:
+    steps = []
+    for k in shown.tolist():
+        name = str(int(frame_numbers[k]))
+        label = name if axis_name == "frame" else f"{name}  ({axis_name} = {axis_values[k]:.5g})"
+        steps.append(dict(method="animate", label=label, args=[[name], _ANIMATE_NOW]))
+    # Step labels carry the axis value and would overlap under the ticks; hide them there and
+    # show the current one above the slider.
+    tick_font = dict(size=10, color="rgba(0,0,0,0)")
+    return dict(
+        active=active, steps=steps, x=0.47, len=0.53, y=0.55, yanchor="top", pad=dict(t=10, b=0),
+        currentvalue=dict(prefix="frame ", visible=True, xanchor="left", font=dict(size=13, color="#222")),
+        font=tick_font, ticklen=3, minorticklen=0,
+    )
+
+
+def _model_buttons(models: Sequence[str], default: str, outline_start: int, n_outline: int) -> dict[str, Any]:
+    per_model = n_outline // len(models)
+    indices = list(range(outline_start, outline_start + n_outline))
+    buttons = []
+    for model in [*models, None]:
+        visible = [model is not None and models.index(model) == i // per_model for i in range(n_outline)]
+        buttons.append(dict(method="restyle", label=_MODEL_LABELS[model] if model else "no outlines",
+                            args=[{"visible": visible}, indices]))
+    return dict(type="buttons", direction="right", buttons=buttons, active=models.index(default),
+                x=0.47, xanchor="left", y=0.995, yanchor="top", showactive=True, pad=dict(t=0, r=4),
+                font=dict(size=12))
+
+
+def _play_buttons() -> dict[str, Any]:
+    play = dict(method="animate", label="▶ play",
+                args=[None, {"mode": "immediate", "fromcurrent": True, "frame": {"duration": 250, "redraw": True},
+                             "transition": {"duration": 0}}])
+    pause = dict(method="animate", label="❚❚ pause", args=[[None], _ANIMATE_NOW])
+    return dict(type="buttons", direction="right", buttons=[play, pause], showactive=False,
+                x=1.0, xanchor="right", y=0.995, yanchor="top", pad=dict(t=0), font=dict(size=12))
+
+
+def _show_model(fig: go.Figure, models: Sequence[str], model: str, outline_start: int, n_outline: int) -> None:
+    per_model = n_outline // len(models)
+    for i in range(n_outline):
+        fig.data[outline_start + i].visible = models.index(model) == i // per_model
