@@ -24,7 +24,7 @@ from dipid.models import normalize_counts, save_checkpoint
 from dipid.models.sslm import ROLE_BACKGROUND, SSLMConfig, assign_channels
 from dipid.io import fill_bad_pixels
 from dipid.synth import simulate_scan
-from dipid.train.sslm import frames_to_tensor, train_sslm
+from dipid.train.sslm import frames_to_tensor, train_sslm_on_frames
 
 
 def filled(frames: np.ndarray) -> np.ndarray:
@@ -84,7 +84,7 @@ def main() -> None:
     train_frames, train_truth = load_scans(list(range(args.train_scans)), args.frames, args.preset)
     test_frames, test_truth = load_scans(list(range(1000, 1000 + args.test_scans)), args.frames, args.preset)
     start = time.perf_counter()
-    model = train_sslm(
+    model = train_sslm_on_frames(
         train_frames,
         config=SSLMConfig(
             channels=args.channels,

@@ -15,7 +15,7 @@ import torch
 from dipid.errors import TrainingError
 from dipid.models import SSLM, build_sslm
 from dipid.models.sslm import ROLE_BACKGROUND, SSLMConfig, assign_channels
-from dipid.train import fit_sslm, train_sslm
+from dipid.train import fit_sslm, train_sslm_on_frames
 from dipid.train.sslm import frames_to_tensor
 
 HEIGHT, WIDTH = 48, 64
@@ -56,7 +56,7 @@ def mean_iou(predicted: np.ndarray, truth: np.ndarray) -> float:
 def trained() -> tuple[SSLM, list[dict[str, float]]]:
     frames, _ = make_frames(16, seed=1)
     history: list[dict[str, float]] = []
-    model = train_sslm(
+    model = train_sslm_on_frames(
         frames,
         config=CONFIG,
         steps=STEPS,
@@ -106,12 +106,12 @@ def test_assignment_from_labels_finds_the_peaks(trained, held_out):
     assert mean_iou(model.peak_mask(frames).numpy(), truth) > MIN_IOU
 
 
-def test_train_sslm_is_seeded_and_passes_labels_to_the_assignment():
+def test_train_sslm_on_frames_is_seeded_and_passes_labels_to_the_assignment():
     frames, truth = make_frames(4, seed=4)
     small = SSLMConfig(channels=4)
     options = {"config": small, "steps": 3, "batch_size": 2, "seed": 7, "progress": False}
-    first = train_sslm(frames, **options, assign_from_labels=(frames[:2], truth[:2]))
-    second = train_sslm(frames, **options)
+    first = train_sslm_on_frames(frames, **options, assign_from_labels=(frames[:2], truth[:2]))
+    second = train_sslm_on_frames(frames, **options)
     for key, value in first.state_dict().items():
         torch.testing.assert_close(value, second.state_dict()[key], msg=key)
     expected = assign_channels(first, frames_to_tensor(frames[:2]), labels=torch.from_numpy(truth[:2]))
@@ -141,28 +141,28 @@ def _write_scan(path, frames: np.ndarray) -> str:
 
 
 def test_sslm_run_trains_on_seeded_crops_with_the_default_architecture(tmp_path, monkeypatch):
-    from dipid.train import sslm as sslm_train
-    from dipid.train.sslm_run import DEFAULT_MODEL_OPTIONS, SSLMTrainOptions, train_sslm_run
+    from dipid.train import sslm_run
+    from dipid.train.sslm_run import DEFAULT_MODEL_OPTIONS, SSLMTrainOptions, train_sslm
 
     frames, _ = make_frames(6, seed=8)
     scan = _write_scan(tmp_path / "scan.nxs", frames)
     shapes: list[tuple[int, ...]] = []
-    real_fit = sslm_train.fit_sslm
+    real_fit = sslm_run.fit_sslm
 
     def recording_fit(model, batches, **kwargs):
         batches = list(batches)
         shapes.extend(tuple(b.shape) for b in batches)
         return real_fit(model, batches, **kwargs)
 
-    monkeypatch.setattr(sslm_train, "fit_sslm", recording_fit)
+    monkeypatch.setattr(sslm_run, "fit_sslm", recording_fit)
     common = dict(scans=[scan], steps=2, steps_per_epoch=2, batch_size=2, progress=False, crop=(16, 24), seed=3)
-    first = train_sslm_run(out=tmp_path / "a", **common)
+    first = train_sslm(out=tmp_path / "a", **common)
     assert shapes == [(2, 1, 16, 24)] * 2  # random windows, not whole 48 x 64 frames
     from dipid.models import load_checkpoint
 
     model = load_checkpoint(first.run_dir / "best.safetensors")
     assert model.config.channels == DEFAULT_MODEL_OPTIONS["channels"]  # model_options said nothing
-    second = train_sslm_run(out=tmp_path / "b", **common)  # same seed: same windows, same weights
+    second = train_sslm(out=tmp_path / "b", **common)  # same seed: same windows, same weights
     again = load_checkpoint(second.run_dir / "best.safetensors")
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, again.state_dict()[key], msg=key)

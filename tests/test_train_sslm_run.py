@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -23,7 +24,7 @@ from dipid.train.sslm_run import (
     epoch_batches,
     epoch_lengths,
     load_unlabelled_frames,
-    train_sslm_run,
+    train_sslm,
 )
 
 FRAME_SHAPE = (32, 32)
@@ -62,7 +63,7 @@ def data(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def straight_run(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("sslm-runs") / "straight"
-    return out, train_sslm_run(scans=[data["scan"]], out=out, seed=5, **FAST)
+    return out, train_sslm(scans=[data["scan"]], out=out, seed=5, **FAST)
 
 
 # ================================================================================ run machinery
@@ -205,6 +206,129 @@ def test_frames_of_different_sizes_are_refused(data, tmp_path):
         load_unlabelled_frames([data["scan"], other])
 
 
+# ================================================================================ the life cycle
+@dataclass
+class ToyOptions:
+    out: Path
+    epochs: int
+    seed: int = 0
+    resume: bool = False
+    lr: float = 0.1
+
+    def to_dict(self) -> dict:
+        return {"out": str(self.out), "epochs": self.epochs, "seed": self.seed, "resume": self.resume, "lr": self.lr}
+
+    def resume_command(self) -> str:
+        return f"toy --out {self.out} --resume"
+
+
+class ToyTask:
+    """The smallest TrainingTask: a tiny SSLM nudged by a draw from torch's global RNG (so a resume
+    must restore the RNG to repeat a straight run), with scripted losses and validation IoUs."""
+
+    kind = "toy"
+    history = runmod.HistoryLayout(columns=("epoch", "loss", "val_iou", "draw", "lr", "seconds"), x="epoch",
+                                   loss_columns=("loss",), metric_columns=("val_iou",), log_columns=("loss", "val_iou"))
+    fixed_on_resume = ("seed",)
+
+    def __init__(self, out, *, epochs, ious, losses, resume=False, tie_loss="loss", nan_in=None, bad_data=False):
+        self.opts = ToyOptions(out=out, epochs=epochs, resume=resume)
+        self.ious, self.losses, self.tie_loss, self.nan_in, self.bad_data = ious, losses, tie_loss, nan_in, bad_data
+
+    @property
+    def epochs(self) -> int:
+        return self.opts.epochs
+
+    def load_data(self) -> None:
+        if self.bad_data:
+            raise TrainingError("toy data: unreadable")
+
+    def build(self, run, existing, *, resumed):
+        from dipid.models import build_sslm
+
+        self.model = build_sslm(channels=2, num_conv=2)
+        self.best_rule = runmod.BestRule("val_iou", higher_is_better=True, tie_loss=self.tie_loss)
+
+    def restore(self, state):
+        self.model.load_state_dict(state["model"])
+
+    def config_sections(self):
+        return {"data": {"toy": True}}
+
+    def train_epoch(self, run, epoch):
+        draw = float(torch.rand(()))
+        with torch.no_grad():
+            next(self.model.parameters()).add_(math.nan if epoch == self.nan_in else draw)
+        run.after_step(epoch, 1, {"loss": self.losses[epoch - 1]})
+        return {"loss": self.losses[epoch - 1], "draw": draw, "lr": self.opts.lr}
+
+    def validate(self, run, epoch):
+        return {"val_iou": self.ious[epoch - 1]}
+
+    def checkpoint(self, row):
+        return self.model, {"toy": row["draw"]}
+
+    def state(self):
+        return {"model": self.model.state_dict()}
+
+
+TOY = dict(ious=[0.5, 0.5, 0.7, 0.7], losses=[3.0, 2.0, 4.0, 1.0])
+
+
+def test_run_training_writes_the_folder_and_picks_the_best_epoch(tmp_path):
+    from dipid.models import read_checkpoint_metadata
+
+    events = []
+    summary = runmod.run_training(ToyTask(tmp_path / "a", epochs=4, **TOY), callback=events.append)
+    # Ties of the IoU go to the lower loss: epoch 2 beats 1, epoch 4 beats 3.
+    assert summary.best_epoch == 4 and summary.best_metric == 0.7 and summary.epochs_completed == 4
+    assert read_checkpoint_metadata(tmp_path / "a" / "best.safetensors")["metadata"]["epoch"] == 4
+    assert [(e.kind, e.epoch, e.global_step) for e in events if e.kind == "epoch"] == [("epoch", k, k) for k in (1, 2, 3, 4)]
+    rows = runmod.read_history_csv(tmp_path / "a" / "history.csv")
+    assert [r["loss"] for r in rows] == TOY["losses"] and [r["val_iou"] for r in rows] == TOY["ious"]
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert list(config) == ["kind", "created", "versions", "resumes", "options", "data", "best_metric"]
+    state, info = runmod.load_state(tmp_path / "a" / "state.safetensors")
+    assert state["best"] == {"epoch": 4, "metric": 0.7, "loss": 1.0} and state["global_step"] == 4
+    assert info["epoch"] == 4 and info["best_epoch"] == 4
+    # Without a tie-break loss the earlier epoch keeps its place.
+    assert runmod.run_training(ToyTask(tmp_path / "b", epochs=4, tie_loss=None, **TOY)).best_epoch == 3
+
+
+def test_run_training_resumes_a_folder_saved_without_the_tie_break_loss(tmp_path):
+    """Resume after epoch 2 repeats the straight run (RNG restored), also from a state whose "best"
+    has no "loss" (as SSLM runs saved before the life cycle was shared wrote it)."""
+    straight = runmod.run_training(ToyTask(tmp_path / "straight", epochs=4, **TOY))
+    out = tmp_path / "resumed"
+    runmod.run_training(ToyTask(out, epochs=2, **TOY))
+    state, summary = runmod.load_state(out / "state.safetensors")
+    state["best"] = {"epoch": state["best"]["epoch"], "metric": state["best"]["metric"]}
+    runmod.save_state(out / "state.safetensors", state, summary=summary)
+    resumed = runmod.run_training(ToyTask(out, epochs=4, resume=True, **TOY))
+    assert resumed.resumed_from_epoch == 2 and [r["epoch"] for r in resumed.history] == [1, 2, 3, 4]
+    assert [r["draw"] for r in resumed.history] == [r["draw"] for r in straight.history]
+    assert resumed.best_epoch == straight.best_epoch == 4
+    config = json.loads((out / "config.json").read_text())
+    assert [(r["from_epoch"], r["changed"]) for r in config["resumes"]] == [(2, {"epochs": [2, 4]})]
+    with pytest.raises(TrainingError, match="seed"):
+        task = ToyTask(out, epochs=5, resume=True, **TOY)
+        task.opts.seed = 1
+        runmod.run_training(task)
+
+
+def test_run_training_stops_on_nan_weights_and_reads_the_data_before_the_folder(tmp_path):
+    out = tmp_path / "nan"
+    with pytest.raises(TrainingError) as info:
+        runmod.run_training(ToyTask(out, epochs=3, nan_in=2, **TOY))
+    message = str(info.value)
+    assert "NaN/inf" in message and "epoch 2" in message and str(out) in message and "toy --out" in message
+    assert runmod.load_state(out / "state.safetensors")[1]["epoch"] == 1
+    assert [r["epoch"] for r in runmod.read_history_csv(out / "history.csv")] == [1]
+    with pytest.raises(TrainingError, match="unreadable"):
+        runmod.run_training(ToyTask(tmp_path / "bad", epochs=1, bad_data=True, **TOY))
+    assert not (tmp_path / "bad").exists()
+
+
 # ================================================================================ SSLM runs
 def test_sslm_run_folder_history_and_checkpoints(straight_run, data):
     from dipid.models import load_checkpoint, read_checkpoint_metadata
@@ -242,16 +366,16 @@ def test_joint_predictor_loads_an_sslm_run(straight_run):
     assert predictor.sslm is not None and predictor.tlm is None
     assert predictor.sslm.config.channel_roles is not None  # no on-the-fly assignment needed
     counts = np.random.default_rng(0).poisson(3.0, (1, *FRAME_SHAPE)).astype(np.float32)
-    [result] = predictor.predict_frames(counts, use_tlm=False)
+    [result] = predictor.predict_frames(counts, models="ssl")
     assert result.ssl is not None and result.ssl.mask.shape == FRAME_SHAPE
 
 
 def test_resume_reproduces_the_straight_run(straight_run, data, tmp_path):
     _, straight = straight_run
     out = tmp_path / "resumed"
-    first = train_sslm_run(scans=[data["scan"]], out=out, seed=5, **{**FAST, "steps": 2})
+    first = train_sslm(scans=[data["scan"]], out=out, seed=5, **{**FAST, "steps": 2})
     assert first.epochs_completed == 1
-    second = train_sslm_run(scans=[data["scan"]], out=out, seed=5, resume=True, **FAST)
+    second = train_sslm(scans=[data["scan"]], out=out, seed=5, resume=True, **FAST)
     assert second.resumed_from_epoch == 1 and second.epochs_completed == 2
     for a, b in zip(second.history, straight.history, strict=True):
         for column in ("step", "loss", "similarity", "continuity", "context", "clusters", "peak_channels"):
@@ -266,10 +390,10 @@ def test_ctrl_c_leaves_a_resumable_folder(data, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(TrainingError) as info:
-        train_sslm_run(scans=[data["scan"]], out=out, seed=5, callback=interrupt, **FAST)
+        train_sslm(scans=[data["scan"]], out=out, seed=5, callback=interrupt, **FAST)
     assert str(out) in str(info.value) and "--resume" in str(info.value)
     assert runmod.load_state(out / "state.safetensors")[1]["epoch"] == 1
-    resumed = train_sslm_run(scans=[data["scan"]], out=out, seed=5, resume=True, **FAST)
+    resumed = train_sslm(scans=[data["scan"]], out=out, seed=5, resume=True, **FAST)
     assert [r["epoch"] for r in resumed.history] == [1, 2] and resumed.resumed_from_epoch == 1
 
 
@@ -289,7 +413,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_epoch(data, tmp_path, monkeypatc
 
     monkeypatch.setattr(core, "sslm_loss", poisoned)
     with pytest.raises(TrainingError) as info:
-        train_sslm_run(scans=[data["scan"]], out=out, seed=5, **FAST)
+        train_sslm(scans=[data["scan"]], out=out, seed=5, **FAST)
     message = str(info.value)
     assert "nan" in message.lower() and str(out) in message and "--resume" in message and "epoch 2" in message
     state, summary = runmod.load_state(out / "state.safetensors")
@@ -300,7 +424,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_epoch(data, tmp_path, monkeypatc
 
 def test_labelled_validation_picks_best_by_iou(data, tmp_path):
     out = tmp_path / "labelled"
-    summary = train_sslm_run(scans=[data["scan"]], out=out, seed=5, labels=data["labels"], **FAST)
+    summary = train_sslm(scans=[data["scan"]], out=out, seed=5, labels=data["labels"], **FAST)
     assert summary.best_metric_name == "val_iou"
     rows = runmod.read_history_csv(out / "history.csv")
     assert all(0.0 <= r["val_iou"] <= 1.0 for r in rows)
@@ -311,10 +435,10 @@ def test_labelled_validation_picks_best_by_iou(data, tmp_path):
 def test_fresh_run_refuses_a_used_folder_and_resume_refuses_another_kind(straight_run, data, tmp_path):
     out, _ = straight_run
     with pytest.raises(TrainingError, match="--resume"):
-        train_sslm_run(scans=[data["scan"]], out=out, seed=5, **FAST)
+        train_sslm(scans=[data["scan"]], out=out, seed=5, **FAST)
     (tmp_path / "tlmrun").mkdir()
     (tmp_path / "tlmrun" / "config.json").write_text(json.dumps({"kind": "tlm", "options": {}}))
     with pytest.raises(TrainingError, match="'tlm' run"):
-        train_sslm_run(scans=[data["scan"]], out=tmp_path / "tlmrun", resume=True, **FAST)
+        train_sslm(scans=[data["scan"]], out=tmp_path / "tlmrun", resume=True, **FAST)
     with pytest.raises(TrainingError, match="seed"):
-        train_sslm_run(scans=[data["scan"]], out=out, seed=6, resume=True, **FAST)
+        train_sslm(scans=[data["scan"]], out=out, seed=6, resume=True, **FAST)

@@ -2,7 +2,8 @@
 
 The TLM is the real ResNet-50 Mask R-CNN, so every run here is kept tiny: 32x32 frames, one frame
 per batch, one step per epoch, one validation frame and few proposals. The run-folder machinery
-itself (state flattening, RNG, history) is tested without a network in test_train_sslm_run.py.
+itself (state flattening, RNG, history, the shared life cycle run_training) is tested without a
+network in test_train_sslm_run.py.
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ import torch
 from dipid.errors import TrainingError
 from dipid.io.coco import FrameLabels, write_coco
 from dipid.train import run as runmod
+from dipid.train.run import is_improvement
 from dipid.train.tlm import (
     HISTORY_COLUMNS,
     LOSS_PARTS,
     TLMTrainOptions,
     cosine_factor,
     ema_update,
-    is_improvement,
     train_tlm,
     warmup_factor,
 )
@@ -167,7 +168,7 @@ def test_joint_predictor_loads_the_run_folder(straight_run):
     predictor = JointPredictor.from_pretrained(out, device="cpu")
     assert predictor.tlm is not None and predictor.sslm is None
     counts = np.random.default_rng(0).poisson(3.0, (1, *FRAME_SHAPE)).astype(np.float32)
-    [result] = predictor.predict_frames(counts, use_ssl=False)
+    [result] = predictor.predict_frames(counts, models="tlm")
     assert result.shape == FRAME_SHAPE
 
 

@@ -6,13 +6,16 @@ import importlib
 from typing import Any
 
 _LAZY = {
-    "fit_sslm": "dipid.train.sslm",
-    "train_sslm": "dipid.train.sslm",
+    # Run folders (what `dipid train tlm|sslm` calls), one life cycle: dipid.train.run.run_training.
     "train_tlm": "dipid.train.tlm",
     "TLMTrainOptions": "dipid.train.tlm",
-    "train_sslm_run": "dipid.train.sslm_run",
+    "train_sslm": "dipid.train.sslm_run",
     "SSLMTrainOptions": "dipid.train.sslm_run",
     "RunSummary": "dipid.train.run",
+    "run_training": "dipid.train.run",
+    # Frames in memory, model out, no run folder.
+    "fit_sslm": "dipid.train.sslm",
+    "train_sslm_on_frames": "dipid.train.sslm",
     "load_training_data": "dipid.train.datasets",
     "build_augmentation": "dipid.train.augment",
 }

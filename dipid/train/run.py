@@ -20,6 +20,25 @@ crash between two file renames cannot leave a mismatched pair.
 Every file is written through a temporary file and a rename; ``state.safetensors`` is written
 last at the end of an epoch, so it is the commit point: on resume, history rows after the epoch
 it records are dropped and those epochs are run again.
+
+:func:`run_training` is the life cycle of every run folder, written once: read the data, make or
+check the folder, compare the options with a resumed run's, build, restore, write config.json
+and its resume log, then epochs of train, check the weights, validate, save. What differs
+between the TLM and the SSLM is a :class:`TrainingTask` (:class:`dipid.train.tlm.TLMTask`,
+:class:`dipid.train.sslm_run.SSLMTask`).
+
+Choices, and why:
+
+* **The data is read before the folder is made**, so bad label files or unreadable scans stop a
+  run without leaving an empty run folder behind.
+* **The weights are checked after training and before validation**: NaN/inf weights stop the
+  run with the last good epoch on disk, without spending a validation pass on them.
+* **Best epoch** (:func:`is_improvement`): a better metric wins; an equal metric wins only with
+  a lower tie-break loss where the task names one (otherwise the earlier epoch keeps its place);
+  a NaN metric never wins.
+* **The RNG states are restored last** on resume, after everything that is built has drawn its
+  random numbers, and saved with every epoch, so 2 epochs straight and 1 + resume 1 give the
+  same history.
 """
 
 from __future__ import annotations
@@ -34,17 +53,19 @@ import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from dipid import __version__
 from dipid.errors import CheckpointError, TrainingError
-from dipid.files import atomic_path, atomic_write_text, to_jsonable
+from dipid.files import atomic_copy, atomic_path, atomic_write_text, to_jsonable
+from dipid.models import save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +80,14 @@ __all__ = [
     "RunFolder",
     "RunSummary",
     "RunProgress",
+    "RunContext",
+    "RunOptions",
+    "TrainingTask",
+    "HistoryLayout",
+    "BestRule",
+    "run_training",
+    "check_option_names",
+    "is_improvement",
     "AmpSettings",
     "FlatState",
     "flatten_state",
@@ -694,9 +723,8 @@ def write_history_html(
 # ================================================================================ helpers
 def versions() -> dict[str, str]:
     """dipid, torch and torchvision versions for config.json."""
+    # Here, not at the top: imported after dipid.models has checked the torch/torchvision pair.
     import torchvision
-
-    from dipid import __version__
 
     return {"dipid": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__}
 
@@ -710,3 +738,301 @@ def call_callback(callback: Callable[[Any], None] | None, event: Any) -> None:
     """Call a user callback (a KeyboardInterrupt it raises is handled like Ctrl-C)."""
     if callback is not None:
         callback(event)
+
+
+def check_option_names(options_class: type, options: Mapping[str, Any], *, caller: str) -> None:
+    """Refuse keyword options that are not fields of ``options_class``, naming the valid ones.
+
+    Raises:
+        TypeError: an unknown option (as Python does for an unknown keyword argument).
+    """
+    known = {f.name for f in fields(options_class)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"{caller}() got unknown options {unknown}; valid: {sorted(known)}")
+
+
+# ================================================================================ the life cycle
+def is_improvement(
+    metric: float, loss: float, best_metric: float | None, best_loss: float | None, *, higher_is_better: bool
+) -> bool:
+    """Whether an epoch beats the best so far: a better metric, or an equal metric and a lower loss.
+
+    A NaN metric never improves; anything else beats "no best yet". With ``best_loss`` None an
+    equal metric does not improve (the earlier epoch keeps its place).
+    """
+    if math.isnan(metric):
+        return False
+    if best_metric is None or math.isnan(best_metric):
+        return True
+    if metric != best_metric:
+        return metric > best_metric if higher_is_better else metric < best_metric
+    return best_loss is not None and math.isfinite(loss) and loss < best_loss
+
+
+@dataclass(frozen=True)
+class HistoryLayout:
+    """How one kind of run reports its epochs.
+
+    Attributes:
+        columns: history.csv columns, in order (every key of an epoch's row is one of them).
+        x: the history.html x axis ("epoch" or "step").
+        loss_columns, metric_columns: the history.html loss and metric panels.
+        log_columns: the columns of the log line after each epoch.
+    """
+
+    columns: tuple[str, ...]
+    x: str
+    loss_columns: tuple[str, ...]
+    metric_columns: tuple[str, ...]
+    log_columns: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class BestRule:
+    """Which epoch ``best.safetensors`` holds (see :func:`is_improvement`).
+
+    Attributes:
+        metric: the history column that decides ("val_iou", "val_loss", "loss").
+        higher_is_better: whether a larger ``metric`` is better.
+        tie_loss: the history column whose lower value wins a tie of ``metric``; None: ties keep
+            the earlier epoch.
+    """
+
+    metric: str
+    higher_is_better: bool
+    tie_loss: str | None = None
+
+
+@dataclass
+class RunContext:
+    """What a :class:`TrainingTask` sees of the run it is in (owned by :func:`run_training`).
+
+    Attributes:
+        folder: the run folder.
+        progress: which epoch is saved and which is running (for error messages).
+        resume_command: the shell command that resumes the run.
+        callback: the user's callback (called by :meth:`after_step` and after each saved epoch).
+        global_step: optimiser steps since the run began (restored on resume).
+    """
+
+    folder: RunFolder
+    progress: RunProgress
+    resume_command: str
+    callback: Callable[[TrainEvent], None] | None = None
+    global_step: int = 0
+
+    def after_step(self, epoch: int, step: int, losses: Mapping[str, float]) -> None:
+        """Count one optimiser step and tell the callback (``step`` is 1-based within the epoch)."""
+        self.global_step += 1
+        call_callback(self.callback, TrainEvent("step", epoch, step, self.global_step, dict(losses)))
+
+    def stopped(self) -> str:
+        """The end of an error message that stops a run: what is on disk and how to resume."""
+        return (f"the run stopped and {self.folder.path} keeps the last good epoch ({self.progress.describe()}; "
+                f"best.safetensors is untouched). Resume with `{self.resume_command}`")
+
+
+class RunOptions(Protocol):
+    """The options every kind of run has (TLMTrainOptions, SSLMTrainOptions)."""
+
+    out: str | Path
+    seed: int
+    resume: bool
+    lr: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every option, JSON-ready (config.json "options")."""
+
+    def resume_command(self) -> str:
+        """The shell command that resumes the run."""
+
+
+class TrainingTask(Protocol):
+    """One kind of training, as :func:`run_training` drives it.
+
+    Attributes:
+        kind: "tlm" or "sslm" (config.json "kind", the ``dipid train`` sub-command).
+        opts: the run's options.
+        history: how epochs are reported.
+        fixed_on_resume: options a resumed run may not change (they shape the model or the random stream).
+        model: the module being trained (checked for NaN/inf weights after each epoch); set by ``build``.
+        epochs: the run's epochs in total; valid after ``build``.
+        best_rule: which epoch is best; set by ``build``.
+
+    Methods, in the order :func:`run_training` calls them:
+        load_data(): read the data (before the run folder is made).
+        build(run, existing, resumed=...): the model, optimiser and what else the epochs need,
+            after the global RNGs are seeded; ``existing`` is a resumed run's config.json.
+        restore(state): load the task's part of a saved state (what ``state()`` returned).
+        config_sections(): config.json sections of this kind ("data", "model", "optimizer",
+            "device", ...), written at the start of every run and resume.
+        train_epoch(run, epoch): train one epoch (calling ``run.after_step`` after each step);
+            returns the row's training columns.
+        validate(run, epoch): the row's validation columns.
+        checkpoint(row): (module saved as last/best.safetensors, checkpoint metadata of this kind).
+        state(): the task's part of state.safetensors (model, optimiser, ... ; tensors and plain values).
+    """
+
+    kind: str
+    opts: RunOptions
+    history: HistoryLayout
+    fixed_on_resume: tuple[str, ...]
+    model: torch.nn.Module
+    best_rule: BestRule
+
+    @property
+    def epochs(self) -> int: ...
+
+    def load_data(self) -> None: ...
+
+    def build(self, run: RunContext, existing: Mapping[str, Any] | None, *, resumed: bool) -> None: ...
+
+    def restore(self, state: Mapping[str, Any]) -> None: ...
+
+    def config_sections(self) -> dict[str, Any]: ...
+
+    def train_epoch(self, run: RunContext, epoch: int) -> dict[str, Any]: ...
+
+    def validate(self, run: RunContext, epoch: int) -> dict[str, Any]: ...
+
+    def checkpoint(self, row: Mapping[str, Any]) -> tuple[torch.nn.Module, dict[str, Any]]: ...
+
+    def state(self) -> dict[str, Any]: ...
+
+
+def run_training(task: TrainingTask, *, callback: Callable[[TrainEvent], None] | None = None) -> RunSummary:
+    """Run (or, with ``task.opts.resume``, resume) one training into the run folder ``task.opts.out``.
+
+    Args:
+        task: what is trained and how (:class:`TrainingTask`).
+        callback: called with a :class:`TrainEvent` after every step and every saved epoch; an
+            exception it raises stops training (KeyboardInterrupt is handled like Ctrl-C).
+    Returns:
+        :class:`RunSummary`.
+    Raises:
+        TrainingError: NaN/inf weights or loss, out of memory or Ctrl-C (the message names the
+            run folder and the command that resumes it; the last finished epoch is on disk), a
+            folder that holds another run, or a resume that changes a fixed option.
+    """
+    started = time.perf_counter()
+    opts = task.opts
+    task.load_data()  # before the folder: bad data leaves no empty run folder behind
+    folder = RunFolder(Path(opts.out))
+    existing = folder.prepare(resume=opts.resume, kind=task.kind)
+    run = RunContext(folder=folder, progress=RunProgress(unit="epoch"), resume_command=opts.resume_command(),
+                     callback=callback)
+    with training_guard(folder.path, progress=run.progress, resume_command=run.resume_command):
+        seed_everything(opts.seed)
+        changed: dict[str, tuple[Any, Any]] = {}
+        state = None
+        if existing is not None:
+            changed = {k: v for k, v in compare_configs(existing.get("options", {}), opts.to_dict(),
+                                                        fixed=task.fixed_on_resume).items() if k != "resume"}
+            if changed:
+                logger.warning("resuming %s with changed options: %s", folder.path,
+                               ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+            if folder.state.is_file():
+                state, _ = load_state(folder.state)
+
+        task.build(run, existing, resumed=state is not None)
+        best: dict[str, Any] = {"epoch": None, "metric": None, "loss": None}
+        history: list[dict[str, Any]] = []
+        resumed_from = None
+        if state is not None:
+            task.restore(state)
+            run.global_step = int(state["global_step"])
+            best.update(state["best"])  # runs saved before the tie-break loss have no "loss"
+            resumed_from = run.progress.saved = int(state["epoch"])
+            # Last: nothing built or restored above may draw random numbers after this.
+            restore_rng_state(state["rng"])
+            history = [r for r in read_history_csv(folder.history_csv) if r["epoch"] <= resumed_from]
+            logger.info("resuming %s after epoch %d (step %d)", folder.path, resumed_from, run.global_step)
+        _write_config(task, folder, existing, changed, resumed_from)
+
+        start_epoch = (resumed_from or 0) + 1
+        for epoch in range(start_epoch, task.epochs + 1):
+            _run_epoch(task, run, epoch, history, best)
+        if start_epoch > task.epochs:
+            logger.info("%s already finished %d epochs (asked for %d); nothing to do", folder.path,
+                        start_epoch - 1, task.epochs)
+    return RunSummary(
+        run_dir=folder.path,
+        kind=task.kind,
+        epochs_completed=run.progress.saved or 0,
+        best_epoch=best["epoch"],
+        best_metric_name=task.best_rule.metric,
+        best_metric=best["metric"],
+        resumed_from_epoch=resumed_from,
+        history=[dict(r) for r in history],
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _write_config(task: TrainingTask, folder: RunFolder, existing: Mapping[str, Any] | None,
+                  changed: Mapping[str, tuple[Any, Any]], resumed_from: int | None) -> None:
+    """config.json: the stored one (its creation facts and resume log) updated, or a new one."""
+    config = dict(existing) if existing is not None else {
+        "kind": task.kind, "created": now_iso(), "versions": versions(), "resumes": []}
+    config["options"] = task.opts.to_dict()
+    config.update(task.config_sections())
+    config["best_metric"] = task.best_rule.metric
+    if existing is not None:
+        config.setdefault("resumes", []).append({"time": now_iso(), "from_epoch": resumed_from, "versions": versions(),
+                                                 "changed": {k: list(v) for k, v in changed.items()}})
+    folder.write_config(config)
+
+
+def _run_epoch(task: TrainingTask, run: RunContext, epoch: int, history: list[dict[str, Any]],
+               best: dict[str, Any]) -> None:
+    """Train, check, validate and save one epoch; appends its row to ``history``, updates ``best``."""
+    run.progress.current = epoch
+    t0 = time.perf_counter()
+    first_step = run.global_step
+    trained = task.train_epoch(run, epoch)
+    if not all_finite(task.model):
+        raise TrainingError(
+            f"the {task.kind.upper()} weights became NaN/inf in epoch {epoch}; {run.stopped()} and a lower --lr "
+            f"(now {task.opts.lr:.3g})"
+        )
+    row: dict[str, Any] = {"epoch": epoch, **trained, **task.validate(run, epoch)}
+    row["seconds"] = time.perf_counter() - t0
+    history.append(row)
+    _save_epoch(task, run, epoch, row, history, best)
+    logger.info("%s epoch %d/%d (step %d): %s", task.kind.upper(), epoch, task.epochs, run.global_step,
+                ", ".join(f"{c} {row[c]:.4g}" for c in task.history.log_columns if c in row and not _is_nan(row[c])))
+    call_callback(run.callback, TrainEvent("epoch", epoch, run.global_step - first_step, run.global_step, dict(row)))
+
+
+def _save_epoch(task: TrainingTask, run: RunContext, epoch: int, row: Mapping[str, Any],
+                history: Sequence[Mapping[str, Any]], best: dict[str, Any]) -> None:
+    folder, rule = run.folder, task.best_rule
+    metric = float(row[rule.metric])
+    tie_loss = float(row[rule.tie_loss]) if rule.tie_loss is not None else None
+    improved = is_improvement(metric, math.nan if tie_loss is None else tie_loss, best["metric"], best["loss"],
+                              higher_is_better=rule.higher_is_better)
+    model, metadata = task.checkpoint(row)
+    metadata = to_jsonable({"run": str(folder.path), "kind": task.kind, "epoch": epoch, **metadata,
+                            "best_metric": rule.metric, "dipid_version": __version__})
+    # Order matters: checkpoints and history first, the state last. The state is the commit
+    # point a resume starts from; anything written after an older state is redone.
+    save_checkpoint(model, folder.last, metadata=metadata)
+    if improved:
+        best.update(epoch=epoch, metric=metric, loss=tie_loss)
+        atomic_copy(folder.last, folder.best)  # same bytes; copying beats serialising again
+    layout = task.history
+    write_history_csv(folder.history_csv, history, layout.columns)
+    write_history_html(folder.history_html, history, x=layout.x, loss_columns=layout.loss_columns,
+                       metric_columns=layout.metric_columns,
+                       title=f"dipid {task.kind.upper()} training: {folder.path.name}")
+    state = {**task.state(), "epoch": epoch, "global_step": run.global_step, "best": dict(best),
+             "rng": capture_rng_state()}
+    save_state(folder.state, state, summary={
+        "kind": task.kind, "epoch": epoch, "epochs": task.epochs, "global_step": run.global_step,
+        "best_metric": rule.metric, "best_epoch": best["epoch"], "best_value": best["metric"], "saved": now_iso(),
+    })
+    run.progress.saved = epoch
+
+
+def _is_nan(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)

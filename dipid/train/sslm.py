@@ -1,4 +1,5 @@
-"""Training the SSLM: a reusable loop (:func:`fit_sslm`) and a frames-in, model-out wrapper.
+"""Training the SSLM: a reusable loop (:func:`fit_sslm`) and a frames-in, model-out wrapper
+(:func:`train_sslm_on_frames`).
 
 Optimiser: SGD with momentum 0.9 and learning rate 0.1, as Kim, Kanezaki & Tanaka (2020) train
 their clustering network. The targets are the network's own argmax, and the large SGD step is
@@ -6,8 +7,8 @@ what lets clusters merge quickly: on synthetic blobs (24 frames, 16 channels, 60
 frames) SGD ended with 2 clusters and a peak IoU of 0.78, Adam (lr 1e-3 / 1e-2) still had
 14 / 6 clusters and reached 0.69 / 0.51.
 
-Run folders, resuming and the CLI are built on top of :func:`fit_sslm` elsewhere; this module
-only trains.
+Run folders, resuming and the CLI (:func:`dipid.train.sslm_run.train_sslm`) are built on top of
+:func:`fit_sslm` elsewhere; this module only trains.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from dipid.errors import TrainingError
 from dipid.models.normalize import normalize_counts
 from dipid.models.sslm import SSLM, SSLMConfig, assign_channels, sslm_loss
 
-__all__ = ["fit_sslm", "train_sslm", "frames_to_tensor"]
+__all__ = ["fit_sslm", "train_sslm_on_frames", "frames_to_tensor", "random_crops"]
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ def frames_to_tensor(frames: Iterable[np.ndarray] | np.ndarray) -> Tensor:
             raise ValueError(f"frames must be (H, W) or (B, H, W) arrays, got shape {array.shape}")
         stacks.append(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)))
     if not stacks:
-        raise TrainingError("train_sslm got no frames")
+        raise TrainingError("train_sslm_on_frames got no frames")
     sizes = {tuple(s.shape[-2:]) for s in stacks}
     if len(sizes) != 1:
         raise ValueError(f"all frames must have one size to be batched, got {sorted(sizes)}")
@@ -140,12 +141,12 @@ def _random_batches(
             order = torch.randperm(len(frames), generator=generator)
             for start in range(0, len(order) - batch_size + 1, batch_size):
                 batch = frames[order[start : start + batch_size]]
-                yield batch if crop is None else _random_crops(batch, crop, generator)
+                yield batch if crop is None else random_crops(batch, crop, generator)
 
     return _Epochs()
 
 
-def _random_crops(batch: Tensor, crop: tuple[int, int], generator: torch.Generator) -> Tensor:
+def random_crops(batch: Tensor, crop: tuple[int, int], generator: torch.Generator) -> Tensor:
     """(B, 1, H, W) -> (B, 1, rows, cols), an independent random window per frame."""
     height, width = batch.shape[-2:]
     rows, cols = min(crop[0], height), min(crop[1], width)
@@ -154,7 +155,7 @@ def _random_crops(batch: Tensor, crop: tuple[int, int], generator: torch.Generat
     return torch.stack([frame[:, t : t + rows, l : l + cols] for frame, t, l in zip(batch, tops, lefts)])
 
 
-def train_sslm(
+def train_sslm_on_frames(
     frames: Iterable[np.ndarray] | np.ndarray,
     *,
     config: SSLMConfig | None = None,
@@ -169,7 +170,9 @@ def train_sslm(
     progress: bool = True,
     callback: StepCallback | None = None,
 ) -> SSLM:
-    """Normalise counts, train an SSLM on them, and assign its channel roles.
+    """Normalise counts, train an SSLM on them, and assign its channel roles (no run folder).
+
+    (To train from scan files into a resumable run folder, see :func:`dipid.train.sslm_run.train_sslm`.)
 
     Args:
         frames: counts as (H, W) or (B, H, W) arrays, bad pixels filled.

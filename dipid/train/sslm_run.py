@@ -1,8 +1,9 @@
-"""Training the SSLM into a resumable run folder (what ``dipid train sslm`` calls).
+"""Training the SSLM into a resumable run folder (:func:`train_sslm`, what ``dipid train sslm`` calls).
 
-The optimisation itself is :func:`dipid.train.sslm.fit_sslm`; this module adds the run folder
-(:mod:`dipid.train.run`): reading unlabelled frames, epochs of ``steps_per_epoch`` steps with a
-history row, checkpoints and a resumable state after each, and the channel-role assignment
+The optimisation itself is :func:`dipid.train.sslm.fit_sslm`, and the life cycle of the run folder
+(resume, config, checkpoints, history, state) is :func:`dipid.train.run.run_training`; this
+module is the SSLM's part, :class:`SSLMTask`: reading unlabelled frames, epochs of
+``steps_per_epoch`` steps, and the channel-role assignment
 (:func:`dipid.models.sslm.assign_channels`) stored in every checkpoint so each one is usable by
 the JointPredictor.
 
@@ -19,7 +20,8 @@ Choices, and why:
   in every run (not only after a resume) keeps resumed runs identical to straight ones. With the
   default 50 steps per epoch the restart costs a few steps of momentum build-up (0.9: ~10 steps).
 * **Best checkpoint**: highest validation IoU (mean union IoU of the peak mask against labelled
-  frames) when ``labels`` are given; otherwise the lowest mean training loss of the epoch.
+  frames) when ``labels`` are given, the earlier epoch on a tie (later ones have merged more
+  clusters); otherwise the lowest mean training loss of the epoch.
 * **Random 128 x 128 windows and 32 channels by default** (``crop``, :data:`DEFAULT_MODEL_OPTIONS`).
   On one CPU thread a step of 4 whole Pilatus frames took 8.3 s with 100 channels and 2.0 s
   with 32; on 128 x 128 windows 1.0 s and 0.12 s. The network is fully convolutional, so
@@ -50,9 +52,8 @@ from __future__ import annotations
 import logging
 import math
 import shlex
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,39 +61,35 @@ import numpy as np
 import torch
 
 from dipid.errors import TrainingError
-from dipid.files import atomic_copy, to_jsonable
+from dipid.files import to_jsonable
+from dipid.io import open_scan, read_coco
+from dipid.metrics import mean_union_iou
+from dipid.models import build_sslm
+from dipid.models.device import resolve_device
 from dipid.models.normalize import normalize_counts
+from dipid.models.sslm import assign_channels
+from dipid.train.datasets import load_training_data
 from dipid.train.run import (
-    RunFolder,
-    RunProgress,
+    BestRule,
+    HistoryLayout,
+    RunContext,
     RunSummary,
     TrainEvent,
-    all_finite,
-    call_callback,
-    capture_rng_state,
-    compare_configs,
+    check_option_names,
     derive_seed,
-    load_state,
-    now_iso,
-    read_history_csv,
-    restore_rng_state,
-    save_state,
-    seed_everything,
-    training_guard,
-    versions,
-    write_history_csv,
-    write_history_html,
+    run_training,
 )
+from dipid.train.sslm import fit_sslm, random_crops
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "SSLMTrainOptions",
+    "SSLMTask",
     "SSLM_HISTORY_COLUMNS",
     "DEFAULT_MODEL_OPTIONS",
     "TrainingFrames",
-    "train_sslm_run",
-    "run_sslm_training",
+    "train_sslm",
     "load_unlabelled_frames",
     "epoch_batches",
     "epoch_lengths",
@@ -254,14 +251,10 @@ def load_unlabelled_frames(
         TrainingError: no frames, or sources with different frame sizes.
         ScanError (and subclasses): a scan file that cannot be read.
     """
-    from dipid.io import open_scan
-
     counted: list[tuple[str, Any, int]] = []  # (name, opened source, frames available)
     for i, spec in enumerate(scans):
         text = str(spec)
         if text.strip().startswith("sim:"):
-            from dipid.train.datasets import load_training_data
-
             data = load_training_data(text, seed=derive_seed(seed, "sim", i))
             if hasattr(data, "set_epoch"):
                 data.set_epoch(0)
@@ -306,8 +299,6 @@ def load_unlabelled_frames(
 
 
 def _load_validation(labels: str | Path) -> _Validation:
-    from dipid.io import open_scan, read_coco
-
     label_set = read_coco(labels)
     if len(label_set) == 0:
         raise TrainingError(f"{labels}: the label file holds no frames; pass a COCO file with labelled frames")
@@ -333,7 +324,7 @@ def _load_validation(labels: str | Path) -> _Validation:
 
 
 # ================================================================================ public API
-def train_sslm_run(
+def train_sslm(
     *,
     scans: Sequence[str | Path] | str | Path,
     out: str | Path,
@@ -350,6 +341,9 @@ def train_sslm_run(
 ) -> RunSummary:
     """Train an SSLM on unlabelled frames into the run folder ``out``.
 
+    (To train on frames already in memory, without a run folder, see
+    :func:`dipid.train.sslm.train_sslm_on_frames`.)
+
     Args:
         scans: scan files and/or ``sim:`` specs (see :class:`SSLMTrainOptions`).
         callback: called with a :class:`TrainEvent` after every step and every saved epoch; an
@@ -362,188 +356,115 @@ def train_sslm_run(
         TrainingError: NaN/inf loss, out of memory or Ctrl-C; the message names the run folder
             and the command that resumes it.
     """
-    known = {f.name for f in fields(SSLMTrainOptions)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise TypeError(f"train_sslm_run() got unknown options {unknown}; valid: {sorted(known)}")
+    check_option_names(SSLMTrainOptions, options, caller="train_sslm")
     opts = SSLMTrainOptions(scans=scans, out=out, steps=steps, batch_size=batch_size, lr=lr, device=device,
                             seed=seed, resume=resume, labels=labels, progress=progress, **options)
-    return run_sslm_training(opts, callback=callback)
+    return run_training(SSLMTask(opts), callback=callback)
 
 
-def run_sslm_training(opts: SSLMTrainOptions, *, callback: Callable[[TrainEvent], None] | None = None) -> RunSummary:
-    """Run (or resume) the SSLM training described by ``opts``; see :func:`train_sslm_run`."""
-    started = time.perf_counter()
-    folder = RunFolder(Path(opts.out))
-    existing = folder.prepare(resume=opts.resume, kind="sslm")
-    progress = RunProgress(unit="epoch")
-    with training_guard(folder.path, progress=progress, resume_command=opts.resume_command()):
-        return _SSLMTrainer(opts, folder, progress, callback).run(existing, started)
+class SSLMTask:
+    """The SSLM's part of a run (a :class:`dipid.train.run.TrainingTask`); the life cycle is
+    :func:`dipid.train.run.run_training`.
+    """
 
+    kind = "sslm"
+    history = HistoryLayout(
+        columns=SSLM_HISTORY_COLUMNS,
+        x="step",
+        loss_columns=("loss", *SSLM_LOSS_PARTS),
+        metric_columns=("val_iou", "clusters"),
+        log_columns=("loss", "clusters", "peak_channels", "val_iou"),
+    )
+    fixed_on_resume = _FIXED_ON_RESUME
 
-class _SSLMTrainer:
-    """One SSLM run. Private: the public surface is train_sslm_run."""
-
-    def __init__(self, opts: SSLMTrainOptions, folder: RunFolder, progress: RunProgress,
-                 callback: Callable[[TrainEvent], None] | None):
-        from dipid.models.device import resolve_device
-
+    def __init__(self, opts: SSLMTrainOptions):
         self.opts = opts
-        self.folder = folder
-        self.progress = progress
-        self.callback = callback
         self.device = resolve_device(opts.device)
-        self.history: list[dict[str, Any]] = []
-        self.global_step = 0
-        self.best: dict[str, Any] = {"epoch": None, "metric": None}
+        self.lengths = epoch_lengths(opts.steps, opts.steps_per_epoch)
 
-    def run(self, existing: dict[str, Any] | None, started: float) -> RunSummary:
-        from dipid.models import build_sslm
+    @property
+    def epochs(self) -> int:
+        return len(self.lengths)
 
+    # ------------------------------------------------------------------ setup
+    def load_data(self) -> None:
         opts = self.opts
-        seed_everything(opts.seed)
-        state = None
-        changed: dict[str, Any] = {}
-        if existing is not None:
-            changed = {k: v for k, v in compare_configs(existing.get("options", {}), opts.to_dict(),
-                                                        fixed=_FIXED_ON_RESUME).items() if k != "resume"}
-            if changed:
-                logger.warning("resuming %s with changed options: %s", self.folder.path,
-                               ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
-            if self.folder.state.is_file():
-                state, _ = load_state(self.folder.state)
-
-        self.model = build_sslm(**{**DEFAULT_MODEL_OPTIONS, **opts.model_options}).to(self.device)
-        self.data = load_unlabelled_frames(opts.scans, max_frames=opts.max_frames, seed=opts.seed)
+        # The labels first: a bad label file fails before the frames are read.
         self.validation = _load_validation(opts.labels) if opts.labels is not None else None
+        self.data = load_unlabelled_frames(opts.scans, max_frames=opts.max_frames, seed=opts.seed)
         if self.validation is not None and self.validation.frames.shape[-2:] != self.data.frames.shape[-2:]:
             raise TrainingError(
                 f"{opts.labels}: labelled frames are {tuple(self.validation.frames.shape[-2:])} but the training "
                 f"frames are {tuple(self.data.frames.shape[-2:])}; use labels of the same detector"
             )
-        self.best_metric_name = "val_iou" if self.validation is not None else "loss"
         self.assign_picks = torch.from_numpy(_spaced(len(self.data), opts.assign_frames))
-        lengths = epoch_lengths(opts.steps, opts.steps_per_epoch)
-        logger.info("SSLM run %s: %d frames %s, %d steps in %d epochs", self.folder.path, len(self.data),
-                    tuple(self.data.frames.shape[-2:]), opts.steps, len(lengths))
 
-        start_epoch, resumed_from = 1, None
-        if state is not None:
-            resumed_from = self._restore(state)
-            start_epoch = resumed_from + 1
-            self.history = [r for r in read_history_csv(self.folder.history_csv) if r["epoch"] <= resumed_from]
-            logger.info("resuming %s after epoch %d (step %d)", self.folder.path, resumed_from, self.global_step)
-        self._write_config(existing, changed, resumed_from)
+    def build(self, run: RunContext, existing: Mapping[str, Any] | None, *, resumed: bool) -> None:
+        opts = self.opts
+        self.model = build_sslm(**{**DEFAULT_MODEL_OPTIONS, **opts.model_options}).to(self.device)
+        # Ties of the validation IoU keep the earlier epoch: later ones have merged more clusters.
+        self.best_rule = (BestRule("val_iou", higher_is_better=True) if self.validation is not None
+                          else BestRule("loss", higher_is_better=False))
+        logger.info("SSLM run %s: %d frames %s, %d steps in %d epochs", run.folder.path, len(self.data),
+                    tuple(self.data.frames.shape[-2:]), opts.steps, self.epochs)
 
-        for epoch in range(start_epoch, len(lengths) + 1):
-            self._epoch(epoch, lengths[epoch - 1], len(lengths))
-        return RunSummary(
-            run_dir=self.folder.path,
-            kind="sslm",
-            epochs_completed=self.progress.saved or 0,
-            best_epoch=self.best["epoch"],
-            best_metric_name=self.best_metric_name,
-            best_metric=self.best["metric"],
-            resumed_from_epoch=resumed_from,
-            history=[dict(r) for r in self.history],
-            seconds=time.perf_counter() - started,
-        )
+    def config_sections(self) -> dict[str, Any]:
+        opts = self.opts
+        return {
+            "data": {"scans": list(opts.scans), "frames_used": len(self.data),
+                     "frame_shape": list(self.data.frames.shape[-2:]),
+                     "labels": None if opts.labels is None else str(opts.labels)},
+            "model": to_jsonable(asdict(self.model.config)),
+            "optimizer": {"name": "SGD (fit_sslm)", "lr": opts.lr, "momentum": opts.momentum,
+                          "momentum_restarts": "every epoch"},
+            "device": str(self.device),
+        }
 
-    def _write_config(self, existing: dict[str, Any] | None, changed: dict[str, Any], resumed_from: int | None) -> None:
-        config = dict(existing) if existing is not None else {
-            "kind": "sslm", "created": now_iso(), "versions": versions(), "resumes": []}
-        config["options"] = self.opts.to_dict()
-        config["data"] = {"scans": list(self.opts.scans), "frames_used": len(self.data),
-                          "frame_shape": list(self.data.frames.shape[-2:]),
-                          "labels": None if self.opts.labels is None else str(self.opts.labels)}
-        config["model"] = to_jsonable(asdict(self.model.config))
-        config["optimizer"] = {"name": "SGD (fit_sslm)", "lr": self.opts.lr, "momentum": self.opts.momentum,
-                               "momentum_restarts": "every epoch"}
-        config["device"] = str(self.device)
-        config["best_metric"] = self.best_metric_name
-        if existing is not None:
-            config.setdefault("resumes", []).append({"time": now_iso(), "from_epoch": resumed_from,
-                                                     "versions": versions(),
-                                                     "changed": {k: list(v) for k, v in changed.items()}})
-        self.folder.write_config(config)
+    # ------------------------------------------------------------------ state
+    def state(self) -> dict[str, Any]:
+        # No optimiser state: fit_sslm restarts its momentum every epoch (see "Choices, and why").
+        return {"model": self.model.state_dict(), "channel_roles": self.model.config.channel_roles}
 
-    def _restore(self, state: dict[str, Any]) -> int:
+    def restore(self, state: Mapping[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         roles = state.get("channel_roles")
         self.model.config.channel_roles = None if roles is None else [int(r) for r in roles]
-        self.global_step = int(state["global_step"])
-        self.best = dict(state["best"])
-        self.progress.saved = int(state["epoch"])
-        restore_rng_state(state["rng"])
-        return int(state["epoch"])
 
-    def _epoch(self, epoch: int, n_steps: int, n_epochs: int) -> None:
-        from dipid.train.sslm import fit_sslm
-
+    # ------------------------------------------------------------------ one epoch
+    def train_epoch(self, run: RunContext, epoch: int) -> dict[str, Any]:
         opts = self.opts
-        self.progress.current = epoch
-        t0 = time.perf_counter()
-        from dipid.train.sslm import _random_crops
-
+        n_steps = self.lengths[epoch - 1]
         batches = [self.data.frames[idx] for idx in epoch_batches(len(self.data), opts.batch_size, n_steps,
                                                                    seed=opts.seed, epoch=epoch)]
         if opts.crop is not None:
             # Windows drawn from a generator of (seed, epoch), like the batches: a resumed run repeats them.
             windows = torch.Generator().manual_seed(derive_seed(opts.seed, "sslm-crops", epoch))
-            batches = [_random_crops(batch, opts.crop, windows) for batch in batches]
-        first_step = self.global_step
-
-        def on_step(step: int, record: dict[str, float]) -> None:
-            self.global_step = first_step + step + 1
-            call_callback(self.callback, TrainEvent("step", epoch, step + 1, self.global_step, dict(record)))
-
+            batches = [random_crops(batch, opts.crop, windows) for batch in batches]
         try:
             records = fit_sslm(self.model, batches, steps=n_steps, lr=opts.lr, momentum=opts.momentum,
-                               device=self.device, progress=opts.progress, callback=on_step)
+                               device=self.device, progress=opts.progress,
+                               callback=lambda step, record: run.after_step(epoch, step + 1, record))
         except TrainingError as exc:
-            raise TrainingError(
-                f"{exc} The run stopped in epoch {epoch}; {self.folder.path} keeps the last good epoch "
-                f"({self.progress.describe()}; best.safetensors is untouched). Resume with "
-                f"`{opts.resume_command()}` and a lower --lr"
-            ) from exc
-        self.global_step = first_step + len(records)
-        if not all_finite(self.model):
-            raise TrainingError(
-                f"the SSLM weights became NaN/inf in epoch {epoch}; {self.folder.path} keeps the last good epoch "
-                f"({self.progress.describe()}). Resume with `{opts.resume_command()}` and a lower --lr"
-            )
-        roles = self._assign_roles()
-        val_iou = self._validate() if self.validation is not None else math.nan
-        row: dict[str, Any] = {
-            "epoch": epoch,
-            "step": self.global_step,
+            raise TrainingError(f"{exc} In epoch {epoch}, {run.stopped()} and a lower --lr") from exc
+        return {
+            "step": run.global_step,
             "loss": float(np.mean([r["total"] for r in records])),
             **{k: float(np.mean([r[k] for r in records])) for k in SSLM_LOSS_PARTS},
             "clusters": float(np.mean([r["clusters"] for r in records])),
-            "peak_channels": sum(1 for r in roles if r != 0),
-            "val_iou": val_iou,
             "lr": opts.lr,
-            "seconds": time.perf_counter() - t0,
         }
-        self.history.append(row)
-        self._save_epoch(epoch, row)
-        logger.info("SSLM epoch %d/%d (step %d): loss %.4f, %d clusters, %d peak channels%s", epoch, n_epochs,
-                    self.global_step, row["loss"], round(row["clusters"]), row["peak_channels"],
-                    f", val IoU {val_iou:.3f}" if self.validation is not None else "")
-        call_callback(self.callback, TrainEvent("epoch", epoch, len(records), self.global_step, dict(row)))
 
-    def _assign_roles(self) -> list[int]:
-        from dipid.models.sslm import assign_channels
-
+    def validate(self, run: RunContext, epoch: int) -> dict[str, Any]:
+        """Assign the channel roles (every checkpoint is usable by the JointPredictor), then the validation IoU."""
         if self.opts.assign_with_labels and self.validation is not None:
-            return assign_channels(self.model, self.validation.frames,
-                                   labels=torch.from_numpy(self.validation.masks))
-        return assign_channels(self.model, self.data.frames[self.assign_picks])
+            roles = assign_channels(self.model, self.validation.frames, labels=torch.from_numpy(self.validation.masks))
+        else:
+            roles = assign_channels(self.model, self.data.frames[self.assign_picks])
+        val_iou = self._validation_iou() if self.validation is not None else math.nan
+        return {"peak_channels": sum(1 for r in roles if r != 0), "val_iou": val_iou}
 
     @torch.no_grad()
-    def _validate(self) -> float:
-        from dipid.metrics import mean_union_iou
-
+    def _validation_iou(self) -> float:
         assert self.validation is not None
         self.model.eval()
         pairs = []
@@ -554,41 +475,12 @@ class _SSLMTrainer:
                 pairs.append((mask, self.validation.masks[start + k]))
         return mean_union_iou(pairs)
 
-    def _save_epoch(self, epoch: int, row: dict[str, Any]) -> None:
-        from dipid.models import save_checkpoint
-
+    # ------------------------------------------------------------------ saving
+    def checkpoint(self, row: Mapping[str, Any]) -> tuple[torch.nn.Module, dict[str, Any]]:
         opts = self.opts
-        metric = row[self.best_metric_name]
-        best_metric = self.best["metric"]
-        if self.best_metric_name == "val_iou":
-            improved = not math.isnan(metric) and (best_metric is None or metric > best_metric)
-        else:
-            improved = math.isfinite(metric) and (best_metric is None or metric < best_metric)
-        metadata = to_jsonable({
-            "run": str(self.folder.path), "kind": "sslm", "epoch": epoch, "step": self.global_step,
-            "seed": opts.seed, "train_data": list(opts.scans), "frames_used": len(self.data),
+        return self.model, {
+            "step": row["step"], "seed": opts.seed, "train_data": list(opts.scans), "frames_used": len(self.data),
             "labels": None if opts.labels is None else str(opts.labels),
             "metrics": {k: row[k] for k in ("loss", *SSLM_LOSS_PARTS, "clusters", "val_iou")},
             "channel_roles_from": "labels" if opts.assign_with_labels else "statistics",
-            "best_metric": self.best_metric_name, "dipid_version": versions()["dipid"],
-        })
-        # Checkpoints and history first, the state last: the state is the commit point of a resume.
-        save_checkpoint(self.model, self.folder.last, metadata=metadata)
-        if improved:
-            self.best = {"epoch": epoch, "metric": metric}
-            atomic_copy(self.folder.last, self.folder.best)
-        write_history_csv(self.folder.history_csv, self.history, SSLM_HISTORY_COLUMNS)
-        write_history_html(self.folder.history_html, self.history, x="step",
-                           loss_columns=("loss", *SSLM_LOSS_PARTS), metric_columns=("val_iou", "clusters"),
-                           title=f"dipid SSLM training: {self.folder.path.name}")
-        save_state(self.folder.state, {
-            "model": self.model.state_dict(),
-            "channel_roles": self.model.config.channel_roles,
-            "epoch": epoch,
-            "global_step": self.global_step,
-            "best": self.best,
-            "rng": capture_rng_state(),
-        }, summary={"kind": "sslm", "epoch": epoch, "global_step": self.global_step, "steps": opts.steps,
-                    "best_metric": self.best_metric_name, "best_epoch": self.best["epoch"],
-                    "best_value": self.best["metric"], "saved": now_iso()})
-        self.progress.saved = epoch
+        }

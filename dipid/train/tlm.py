@@ -1,7 +1,9 @@
 """Training the TLM (Mask R-CNN) into a resumable run folder.
 
-:func:`train_tlm` is what ``dipid train tlm`` calls. The run folder layout, state files and
-error handling are in :mod:`dipid.train.run`.
+:func:`train_tlm` is what ``dipid train tlm`` calls. The run folder (layout, state files, error
+handling) and the life cycle of a run (resume, config, best and last checkpoints, history) are
+:mod:`dipid.train.run`; this module is the TLM's part, :class:`TLMTask`: its model, optimiser,
+epochs and validation.
 
 Choices, and why:
 
@@ -48,12 +50,12 @@ Choices, and why:
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import shlex
-import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,47 +64,41 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
 from dipid.errors import TrainingError, UnknownNameError
-from dipid.files import atomic_copy, to_jsonable
+from dipid.files import to_jsonable
+from dipid.io.coco import FrameLabels
+from dipid.metrics import coco_mask_ap, evaluate_frames
+from dipid.models import TLM, build_tlm
+from dipid.models.device import resolve_device
+from dipid.train.augment import build_augmentation
+from dipid.train.datasets import PeakCrops, collate_detection, load_training_data
 from dipid.train.run import (
     AmpSettings,
-    RunFolder,
-    RunProgress,
+    BestRule,
+    HistoryLayout,
+    RunContext,
     RunSummary,
     TrainEvent,
     amp_settings,
-    all_finite,
-    call_callback,
-    capture_rng_state,
-    compare_configs,
+    check_option_names,
     derive_seed,
-    load_state,
     loss_mode,
-    now_iso,
-    read_history_csv,
-    restore_rng_state,
-    save_state,
-    seed_everything,
+    run_training,
     seed_worker,
-    training_guard,
-    versions,
-    write_history_csv,
-    write_history_html,
 )
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "TLMTrainOptions",
+    "TLMTask",
     "TrainEvent",
     "ValidationResult",
     "HISTORY_COLUMNS",
     "LOSS_PARTS",
     "train_tlm",
-    "run_tlm_training",
     "warmup_factor",
     "cosine_factor",
     "ema_update",
-    "is_improvement",
 ]
 
 #: torchvision Mask R-CNN loss terms, in history column order.
@@ -285,22 +281,6 @@ def ema_update(average: torch.nn.Module, model: torch.nn.Module, *, decay: float
         avg.copy_(live)
 
 
-def is_improvement(
-    metric: float, loss: float, best_metric: float | None, best_loss: float | None, *, higher_is_better: bool
-) -> bool:
-    """Whether an epoch beats the best so far: a better metric, or an equal metric and a lower loss.
-
-    A NaN metric never improves; anything else beats "no best yet".
-    """
-    if math.isnan(metric):
-        return False
-    if best_metric is None or math.isnan(best_metric):
-        return True
-    if metric != best_metric:
-        return metric > best_metric if higher_is_better else metric < best_metric
-    return best_loss is not None and math.isfinite(loss) and loss < best_loss
-
-
 # ================================================================================ public API
 def train_tlm(
     *,
@@ -335,130 +315,76 @@ def train_tlm(
         TrainingError: NaN/inf loss, out of memory or Ctrl-C; the message names the run folder
             and the command that resumes it. The last finished epoch is always on disk.
     """
-    known = {f.name for f in fields(TLMTrainOptions)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise TypeError(f"train_tlm() got unknown options {unknown}; valid: {sorted(known)}")
+    check_option_names(TLMTrainOptions, options, caller="train_tlm")
     opts = TLMTrainOptions(
         train=train, val=val, out=out, base_weights=base_weights, freeze=freeze, epochs=epochs,
         batch_size=batch_size, lr=lr, device=device, amp=amp, seed=seed, resume=resume,
         num_workers=num_workers, steps_per_epoch=steps_per_epoch, val_frames=val_frames,
         progress=progress, **options,
     )
-    return run_tlm_training(opts, callback=callback)
+    return run_training(TLMTask(opts), callback=callback)
 
 
-def run_tlm_training(opts: TLMTrainOptions, *, callback: Callable[[TrainEvent], None] | None = None) -> RunSummary:
-    """Run (or resume) the training described by ``opts``; see :func:`train_tlm`."""
-    started = time.perf_counter()
-    # The data first: bad label files stop the run before its folder is made.
-    train_data = _load_dataset(opts.train, augment=opts.augment, seed=opts.seed)
-    val_data = _load_dataset(opts.val, augment=False, seed=derive_seed(opts.seed, "val"))
-    folder = RunFolder(Path(opts.out))
-    existing = folder.prepare(resume=opts.resume, kind="tlm")
-    progress = RunProgress(unit="epoch")
-    with training_guard(folder.path, progress=progress, resume_command=opts.resume_command()):
-        trainer = _TLMTrainer(opts, folder, progress, callback)
-        return trainer.run(existing, started, train_data=train_data, val_data=val_data)
+# ================================================================================ the task
+class TLMTask:
+    """The TLM's part of a run (a :class:`dipid.train.run.TrainingTask`); the life cycle is
+    :func:`dipid.train.run.run_training`.
+    """
 
+    kind = "tlm"
+    history = HistoryLayout(
+        columns=HISTORY_COLUMNS,
+        x="epoch",
+        loss_columns=("train_loss", *LOSS_PARTS, "val_loss"),
+        metric_columns=("val_iou", "val_ap"),
+        log_columns=("train_loss", "val_loss", "val_iou", "val_ap"),
+    )
+    fixed_on_resume = _FIXED_ON_RESUME
 
-# ================================================================================ the loop
-class _TLMTrainer:
-    """One run: builds everything, then epochs. Private: the public surface is train_tlm."""
-
-    def __init__(
-        self,
-        opts: TLMTrainOptions,
-        folder: RunFolder,
-        progress: RunProgress,
-        callback: Callable[[TrainEvent], None] | None,
-    ):
-        from dipid.models.device import resolve_device
-
+    def __init__(self, opts: TLMTrainOptions):
         self.opts = opts
-        self.folder = folder
-        self.progress = progress
-        self.callback = callback
         self.device = resolve_device(opts.device)
         self.amp: AmpSettings = amp_settings(self.device, opts.amp)
-        self.history: list[dict[str, Any]] = []
-        self.global_step = 0
-        self.best: dict[str, Any] = {"epoch": None, "metric": None, "loss": None}
+
+    @property
+    def epochs(self) -> int:
+        return int(self.opts.epochs)
 
     # ------------------------------------------------------------------ setup
-    def run(self, existing: dict[str, Any] | None, started: float, *, train_data: Dataset,
-            val_data: Dataset) -> RunSummary:
+    def load_data(self) -> None:
         opts = self.opts
-        seed_everything(opts.seed)
-        state = None
-        if existing is not None:
-            compare_and_log = compare_configs(existing.get("options", {}), opts.to_dict(), fixed=_FIXED_ON_RESUME)
-            changed = {k: v for k, v in compare_and_log.items() if k != "resume"}
-            if changed:
-                logger.warning("resuming %s with changed options: %s", self.folder.path,
-                               ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
-            if self.folder.state.is_file():
-                state, _ = load_state(self.folder.state)
-        else:
-            changed = {}
+        self.train_data = _load_dataset(opts.train, augment=opts.augment, seed=opts.seed)
+        self.val_data = _load_dataset(opts.val, augment=False, seed=derive_seed(opts.seed, "val"))
 
-        model = self._build_model(existing, resumed=state is not None)
-        self.model = model
-        params = model.trainable_parameters()
+    def build(self, run: RunContext, existing: Mapping[str, Any] | None, *, resumed: bool) -> None:
+        opts = self.opts
+        # The order below is the order of random draws after seeding: keep it, or runs change.
+        self.model = self._build_model(existing, resumed=resumed)
+        params = self.model.trainable_parameters()
         if not params:
-            raise TrainingError(f"{self.folder.path}: freeze={opts.freeze!r} leaves no trainable parameters")
+            raise TrainingError(f"{run.folder.path}: freeze={opts.freeze!r} leaves no trainable parameters")
         if opts.optimizer == "adamw":
             self.optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
         else:
             self.optimizer = torch.optim.SGD(params, lr=opts.lr, momentum=opts.momentum,
                                              weight_decay=opts.weight_decay)
-        self.ema = _ema_copy(model) if opts.ema_decay is not None else None
+        self.ema = _ema_copy(self.model) if opts.ema_decay is not None else None
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, mode="min", factor=opts.plateau_factor, patience=opts.plateau_patience
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp.use_scaler)
-
-        self.train_data = train_data
         if opts.crop_size is not None:
-            from dipid.train.datasets import PeakCrops
-
             self.train_data = PeakCrops(self.train_data, size=(opts.crop_size, opts.crop_size),
                                         crops_per_frame=opts.crops_per_frame,
                                         background_fraction=opts.background_crops, seed=opts.seed)
-        self.val_samples = _materialise(val_data, opts.val_frames, spec=opts.val)
-        self.best_metric_name = "val_iou" if any(len(t["masks"]) for _, t in self.val_samples) else "val_loss"
-        if self.best_metric_name == "val_loss":
+        self.val_samples = _materialise(self.val_data, opts.val_frames, spec=opts.val)
+        if any(len(t["masks"]) for _, t in self.val_samples):
+            self.best_rule = BestRule("val_iou", higher_is_better=True, tie_loss="val_loss")
+        else:
             logger.warning("validation data %s has no peaks: the best checkpoint is chosen by validation loss", opts.val)
+            self.best_rule = BestRule("val_loss", higher_is_better=False, tie_loss="val_loss")
 
-        start_epoch = 1
-        resumed_from = None
-        if state is not None:
-            start_epoch = self._restore(state) + 1
-            resumed_from = start_epoch - 1
-            self.history = [r for r in read_history_csv(self.folder.history_csv) if r["epoch"] <= resumed_from]
-            logger.info("resuming %s after epoch %d", self.folder.path, resumed_from)
-        self._write_config(existing, changed, resumed_from)
-
-        for epoch in range(start_epoch, opts.epochs + 1):
-            self._epoch(epoch)
-        if start_epoch > opts.epochs:
-            logger.info("%s already finished %d epochs (asked for %d); nothing to do", self.folder.path,
-                        start_epoch - 1, opts.epochs)
-        return RunSummary(
-            run_dir=self.folder.path,
-            kind="tlm",
-            epochs_completed=self.progress.saved or 0,
-            best_epoch=self.best["epoch"],
-            best_metric_name=self.best_metric_name,
-            best_metric=self.best["metric"] if self.best_metric_name == "val_iou" else self.best["loss"],
-            resumed_from_epoch=resumed_from,
-            history=[dict(r) for r in self.history],
-            seconds=time.perf_counter() - started,
-        )
-
-    def _build_model(self, existing: dict[str, Any] | None, *, resumed: bool):
-        from dipid.models import build_tlm
-
+    def _build_model(self, existing: Mapping[str, Any] | None, *, resumed: bool) -> TLM:
         opts = self.opts
         # A resumed run gets its weights from the state: the base weights are not fetched again.
         model = build_tlm(base_weights=None if resumed else opts.base_weights, freeze=opts.freeze,
@@ -469,36 +395,33 @@ class _TLMTrainer:
         model.net.roi_heads.fg_bg_sampler.batch_size_per_image = int(opts.rois_per_image)
         return model.to(self.device)
 
-    def _write_config(self, existing: dict[str, Any] | None, changed: dict[str, Any], resumed_from: int | None) -> None:
-        config = dict(existing) if existing is not None else {
-            "kind": "tlm",
-            "created": now_iso(),
-            "versions": versions(),
+    def config_sections(self) -> dict[str, Any]:
+        opts = self.opts
+        scheduler = "ReduceLROnPlateau(val_loss)" if opts.schedule == "plateau" else f"cosine to {opts.min_lr_factor} x lr"
+        return {
             "base_weights_source": self.model.config.base_weights,
-            "resumes": [],
+            "data": {"train": str(opts.train), "val": str(opts.val), "val_frames_used": len(self.val_samples)},
+            "model": to_jsonable(asdict(self.model.config)),
+            "optimizer": {"name": type(self.optimizer).__name__, "lr": opts.lr, "momentum": opts.momentum,
+                          "weight_decay": opts.weight_decay, "scheduler": scheduler,
+                          "warmup_steps": opts.warmup_steps, "ema_decay": opts.ema_decay,
+                          "grad_clip": opts.grad_clip,
+                          "trainable_parameters": sum(p.numel() for p in self.model.trainable_parameters())},
+            "device": str(self.device),
+            "amp": {"enabled": self.amp.enabled, "dtype": self.amp.dtype_name, "grad_scaler": self.amp.use_scaler},
         }
-        config["options"] = self.opts.to_dict()
-        config["data"] = {"train": str(self.opts.train), "val": str(self.opts.val),
-                          "val_frames_used": len(self.val_samples)}
-        config["model"] = to_jsonable(asdict(self.model.config))
-        scheduler = ("ReduceLROnPlateau(val_loss)" if self.opts.schedule == "plateau"
-                     else f"cosine to {self.opts.min_lr_factor} x lr")
-        config["optimizer"] = {"name": type(self.optimizer).__name__, "lr": self.opts.lr,
-                               "momentum": self.opts.momentum, "weight_decay": self.opts.weight_decay,
-                               "scheduler": scheduler, "warmup_steps": self.opts.warmup_steps,
-                               "ema_decay": self.opts.ema_decay, "grad_clip": self.opts.grad_clip,
-                               "trainable_parameters": sum(p.numel() for p in self.model.trainable_parameters())}
-        config["device"] = str(self.device)
-        config["amp"] = {"enabled": self.amp.enabled, "dtype": self.amp.dtype_name, "grad_scaler": self.amp.use_scaler}
-        config["best_metric"] = self.best_metric_name
-        if existing is not None:
-            config.setdefault("resumes", []).append(
-                {"time": now_iso(), "from_epoch": resumed_from, "versions": versions(),
-                 "changed": {k: list(v) for k, v in changed.items()}}
-            )
-        self.folder.write_config(config)
 
-    def _restore(self, state: dict[str, Any]) -> int:
+    # ------------------------------------------------------------------ state
+    def state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         if self.ema is not None:
             # Run folders from before the EMA have none: the average starts from the live weights.
@@ -507,16 +430,10 @@ class _TLMTrainer:
             self.optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError) as exc:
             # A run resumed with another --optimizer: the moments cannot carry over; start them afresh.
-            logger.warning("%s: optimiser state not restored (%s); starting it afresh", self.folder.path, exc)
+            logger.warning("%s: optimiser state not restored (%s); starting it afresh", self.opts.out, exc)
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        self.global_step = int(state["global_step"])
-        self.best = dict(state["best"])
-        self.progress.saved = int(state["epoch"])
-        # Last: everything above must not draw random numbers after the restore.
-        restore_rng_state(state["rng"])
-        return int(state["epoch"])
 
     @property
     def evaluated_model(self) -> torch.nn.Module:
@@ -524,19 +441,16 @@ class _TLMTrainer:
         return self.ema if self.ema is not None else self.model
 
     # ------------------------------------------------------------------ one epoch
-    def _epoch(self, epoch: int) -> None:
+    def train_epoch(self, run: RunContext, epoch: int) -> dict[str, Any]:
         opts = self.opts
-        self.progress.current = epoch
-        t0 = time.perf_counter()
         loader = self._train_loader(epoch)
         n_steps = _steps_in_epoch(loader, opts.steps_per_epoch, spec=opts.train)
-        lr_epoch = self.optimizer.param_groups[0]["lr"]
         base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         warmup = min(opts.warmup_steps, n_steps) if epoch == 1 else 0
         total_steps = opts.epochs * n_steps
         sums = dict.fromkeys(("train_loss", *LOSS_PARTS), 0.0)
         done = 0
-        last_lr = lr_epoch
+        last_lr = base_lrs[0]
         self.model.train()
         bar = tqdm(total=n_steps, desc=f"epoch {epoch}/{opts.epochs}", unit="step", disable=not opts.progress,
                    leave=False)
@@ -544,47 +458,27 @@ class _TLMTrainer:
             for images, targets in _cycle(loader, n_steps):
                 factor = warmup_factor(done, warmup) if warmup else 1.0
                 if opts.schedule == "cosine":
-                    factor *= cosine_factor(self.global_step, total_steps, final=opts.min_lr_factor)
+                    factor *= cosine_factor(run.global_step, total_steps, final=opts.min_lr_factor)
                 if factor != 1.0:
                     for group, base in zip(self.optimizer.param_groups, base_lrs):
                         group["lr"] = base * factor
-                losses = self._step(images, targets, epoch, done + 1)
+                losses = self._step(run, images, targets, epoch, done + 1)
                 done += 1
-                self.global_step += 1
                 for key in sums:
                     sums[key] += losses.get(key, 0.0)
                 last_lr = self.optimizer.param_groups[0]["lr"]
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses['train_loss']:.3f}", lr=f"{last_lr:.2g}")
-                call_callback(self.callback, TrainEvent("step", epoch, done, self.global_step, losses))
+                run.after_step(epoch, done, losses)
         finally:
             bar.close()
             for group, base in zip(self.optimizer.param_groups, base_lrs):
                 group["lr"] = base
         if done == 0:
             raise TrainingError(f"{opts.train}: the training data yielded no batches; check the data spec")
-
-        validation = self._validate()
-        if opts.schedule == "plateau":
-            self.scheduler.step(validation.loss)
-        if not all_finite(self.model):
-            raise TrainingError(
-                f"the model weights became NaN/inf in epoch {epoch}; the run stopped and {self.folder.path} keeps the "
-                f"last good epoch ({self.progress.describe()}; best.safetensors is untouched). Resume with "
-                f"`{opts.resume_command()}` and a lower --lr (now {lr_epoch:.3g})"
-            )
-        row: dict[str, Any] = {"epoch": epoch, **{k: v / done for k, v in sums.items()},
-                               "val_loss": validation.loss, "val_iou": validation.iou, "val_ap": validation.ap,
-                               "lr": last_lr, "seconds": time.perf_counter() - t0}
-        self.history.append(row)
-        self._save_epoch(epoch, row, validation)
-        logger.info("epoch %d/%d: train loss %.4f, val loss %.4f, val IoU %.3f, val AP %.3f", epoch, opts.epochs,
-                    row["train_loss"], validation.loss, validation.iou, validation.ap)
-        call_callback(self.callback, TrainEvent("epoch", epoch, done, self.global_step, dict(row)))
+        return {**{k: v / done for k, v in sums.items()}, "lr": last_lr}
 
     def _train_loader(self, epoch: int) -> DataLoader:
-        from dipid.train.datasets import collate_detection
-
         data = self.train_data
         if hasattr(data, "set_epoch"):
             data.set_epoch(epoch)
@@ -602,7 +496,8 @@ class _TLMTrainer:
             pin_memory=self.device.type == "cuda",
         )
 
-    def _step(self, images: Any, targets: list[dict[str, torch.Tensor]], epoch: int, step: int) -> dict[str, float]:
+    def _step(self, run: RunContext, images: Any, targets: list[dict[str, torch.Tensor]], epoch: int,
+              step: int) -> dict[str, float]:
         images = _to_device(images, self.device)
         targets = [{k: v.to(self.device, non_blocking=True) for k, v in t.items()} for t in targets]
         with torch.autocast(self.device.type, dtype=self.amp.dtype, enabled=self.amp.enabled):
@@ -612,10 +507,9 @@ class _TLMTrainer:
         if not math.isfinite(float(loss.detach())):
             parts = ", ".join(f"{k} {v:.4g}" for k, v in values.items())
             raise TrainingError(
-                f"the training loss became {float(loss.detach())} in epoch {epoch}, step {step} ({parts}); the run stopped "
-                f"and {self.folder.path} keeps the last good epoch ({self.progress.describe()}; best.safetensors is "
-                f"untouched). Resume with `{self.opts.resume_command()}` and a lower --lr (now "
-                f"{self.optimizer.param_groups[0]['lr']:.3g}), or check the training labels"
+                f"the training loss became {float(loss.detach())} in epoch {epoch}, step {step} ({parts}); "
+                f"{run.stopped()} and a lower --lr (now {self.optimizer.param_groups[0]['lr']:.3g}), or check the "
+                "training labels"
             )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -625,14 +519,17 @@ class _TLMTrainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.ema is not None:
-            ema_update(self.ema, self.model, decay=self.opts.ema_decay, step=self.global_step)
+            ema_update(self.ema, self.model, decay=self.opts.ema_decay, step=run.global_step)
         return {"train_loss": float(loss.detach()), **values}
 
     # ------------------------------------------------------------------ validation
-    def _validate(self) -> ValidationResult:
-        from dipid.metrics import coco_mask_ap, evaluate_frames
-        from dipid.io.coco import FrameLabels
+    def validate(self, run: RunContext, epoch: int) -> dict[str, Any]:
+        self.validation = self._validate()
+        if self.opts.schedule == "plateau":
+            self.scheduler.step(self.validation.loss)
+        return {"val_loss": self.validation.loss, "val_iou": self.validation.iou, "val_ap": self.validation.ap}
 
+    def _validate(self) -> ValidationResult:
         opts = self.opts
         model = self.evaluated_model
         # Whole frames: a smaller batch than the crops keeps memory bounded.
@@ -652,6 +549,8 @@ class _TLMTrainer:
                     part_sums[key] += float(loss_dict.get(key, torch.zeros(()))) * len(batch)
         n = len(self.val_samples)
 
+        # Detections are kept as the JointPredictor keeps them (score, then mask threshold); the
+        # metrics are the pure functions of dipid.metrics, so validation needs no predictor.
         gt_masks, kept, everything = [], [], []
         model.eval()
         with torch.no_grad():
@@ -680,62 +579,19 @@ class _TLMTrainer:
         )
 
     # ------------------------------------------------------------------ saving
-    def _save_epoch(self, epoch: int, row: dict[str, Any], validation: ValidationResult) -> None:
-        from dipid.models import save_checkpoint
-
-        opts = self.opts
-        higher = self.best_metric_name == "val_iou"
-        metric = validation.iou if higher else validation.loss
-        improved = is_improvement(metric, validation.loss, self.best["metric"], self.best["loss"],
-                                  higher_is_better=higher)
-        metadata = {
-            "run": str(self.folder.path),
-            "kind": "tlm",
-            "epoch": epoch,
+    def checkpoint(self, row: Mapping[str, Any]) -> tuple[torch.nn.Module, dict[str, Any]]:
+        opts, validation = self.opts, self.validation
+        return self.evaluated_model, {
             "seed": opts.seed,
             "train_data": str(opts.train),
             "val_data": str(opts.val),
             "val_frames": len(self.val_samples),
             "val_metrics": {"val_loss": validation.loss, **{f"val_{k}": v for k, v in validation.metrics.items()}},
-            "best_metric": self.best_metric_name,
-            "dipid_version": versions()["dipid"],
         }
-        metadata = to_jsonable(metadata)
-        # Order matters: checkpoints and history first, the state last. The state is the commit
-        # point a resume starts from; anything written after an older state is redone.
-        save_checkpoint(self.evaluated_model, self.folder.last, metadata=metadata)
-        if improved:
-            self.best = {"epoch": epoch, "metric": metric, "loss": validation.loss}
-            atomic_copy(self.folder.last, self.folder.best)  # same bytes; copying beats serialising again
-        write_history_csv(self.folder.history_csv, self.history, HISTORY_COLUMNS)
-        write_history_html(
-            self.folder.history_html, self.history, x="epoch",
-            loss_columns=("train_loss", *LOSS_PARTS, "val_loss"), metric_columns=("val_iou", "val_ap"),
-            title=f"dipid TLM training: {self.folder.path.name}",
-        )
-        state = {
-            "model": self.model.state_dict(),
-            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "epoch": epoch,
-            "global_step": self.global_step,
-            "best": self.best,
-            "rng": capture_rng_state(),
-        }
-        save_state(self.folder.state, state, summary={
-            "kind": "tlm", "epoch": epoch, "epochs": opts.epochs, "global_step": self.global_step,
-            "best_metric": self.best_metric_name, "best_epoch": self.best["epoch"], "best_value": self.best["metric"],
-            "saved": now_iso(),
-        })
-        self.progress.saved = epoch
 
 
 def _ema_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A frozen copy of ``model`` to hold the weight average."""
-    import copy
-
     average = copy.deepcopy(model)
     for parameter in average.parameters():
         parameter.requires_grad_(False)
@@ -745,9 +601,6 @@ def _ema_copy(model: torch.nn.Module) -> torch.nn.Module:
 # ================================================================================ data helpers
 def _load_dataset(spec: str | Path, *, augment: bool, seed: int) -> Dataset:
     """A dataset from a spec (see :func:`dipid.train.datasets.load_training_data`), augmented or not."""
-    from dipid.train.augment import build_augmentation
-    from dipid.train.datasets import load_training_data
-
     return load_training_data(spec, augment=build_augmentation() if augment else None, seed=seed)
 
 
