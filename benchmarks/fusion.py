@@ -88,7 +88,8 @@ def run_models(predictor, label_files: list[Path], batch_size: int) -> dict:
     label_sets = load_label_sets(label_files)
     with tqdm(total=sum(len(ls) for ls in label_sets), desc="predict", unit="frame") as bar:
         for _, chunk, counts, bad in iter_labelled_batches(label_sets, batch_size):
-            results = predictor.predict_frames(counts, bad_pixels=bad, keep_probability=False, use_classical=True)
+            results = predictor.predict_frames(counts, bad_pixels=bad, keep_probability=False,
+                                               models=("tlm", "ssl", "classical"))
             for fl, bad_k, res in zip(chunk, bad, results):
                 cache["gt"].append(fl.masks())
                 cache["valid"].append(~np.asarray(bad_k))
@@ -219,7 +220,7 @@ def main() -> int:
           + (" (NOT acceptable: no rule matched every single model on validation; best by the sum)" if fallback else ""))
     if args.write_settings and chosen:
         from dipid.files import atomic_write_text
-        from dipid.predict import SETTINGS_FILE
+        from dipid.models.weights import SETTINGS_FILE
 
         rule = asdict(rules[chosen.removeprefix("joint ")])
         tuned = {name: value for name, value in rule.items() if name.startswith("fusion_") or name == "threshold"}

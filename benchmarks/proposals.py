@@ -65,7 +65,7 @@ def main() -> int:
         gt, valid, found, seconds = [], [], [], 0.0
         for _, chunk, counts, bad in iter_labelled_batches(label_sets, args.batch_size):
             t0 = time.perf_counter()
-            results = predictor.predict_frames(counts, bad_pixels=bad, use_ssl=False, keep_probability=False)
+            results = predictor.predict_frames(counts, bad_pixels=bad, models="tlm", keep_probability=False)
             seconds += time.perf_counter() - t0
             gt += [fl.masks() for fl in chunk]
             valid += [~b for b in bad]

@@ -66,7 +66,8 @@ def main() -> int:
     from accuracy import build_test_set
 
     from dipid.evaluate import evaluate
-    from dipid.predict import SETTINGS_FILE, WEIGHT_FILES, JointPredictor, PredictorSettings, read_settings
+    from dipid.models.weights import SETTINGS_FILE, WEIGHT_FILES
+    from dipid.predict import JointPredictor, PredictorSettings, read_settings
 
     args.out.mkdir(parents=True, exist_ok=True)
     shipped = {}

@@ -114,16 +114,13 @@ def _dipid(mode: str, scan_path: Path, frames: int, device: str, batch_size: int
     import torch
 
     predictor, weights = _predictor(device, weights, proposals)
-    flags = {"tlm": dict(use_tlm=True, use_ssl=False), "ssl": dict(use_tlm=False, use_ssl=True),
-             "joint": dict(use_tlm=True, use_ssl=True),
-             "classical": dict(use_tlm=False, use_ssl=False, use_classical=True)}[mode]
     # warm-up: first CUDA/cuDNN calls and thread pools are not part of the steady rate
-    predictor.predict_scan(scan_path, end_val=min(batch_size, frames), batch_size=batch_size, progress=False, **flags)
+    predictor.predict_scan(scan_path, end_val=min(batch_size, frames), batch_size=batch_size, progress=False, models=mode)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    result = predictor.predict_scan(scan_path, end_val=frames, batch_size=batch_size, progress=False, **flags)
+    result = predictor.predict_scan(scan_path, end_val=frames, batch_size=batch_size, progress=False, models=mode)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start

@@ -73,12 +73,9 @@ def cmd_train_tlm(args: argparse.Namespace) -> int:
 
 
 def cmd_train_sslm(args: argparse.Namespace) -> int:
-    from dipid.io.coco import read_coco
-    from dipid.train.sslm_run import train_sslm_run
+    from dipid.train.sslm_run import train_sslm
 
-    if args.labels is not None:  # a bad label file fails here, before the run folder is made
-        read_coco(args.labels)
-    summary = train_sslm_run(
+    summary = train_sslm(  # bad label files fail before the run folder is made
         scans=args.scans, out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, device=args.device,
         seed=args.seed, resume=args.resume, labels=args.labels, steps_per_epoch=args.steps_per_epoch,
         crop=None if args.crop is None else (args.crop, args.crop),

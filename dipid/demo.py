@@ -8,12 +8,13 @@ outputs of ``dipid predict`` and returns the found 3D peaks next to the true ref
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from dipid.errors import WeightsNotFoundError
+from dipid.errors import DipidError, WeightsNotFoundError
+from dipid.pipeline import PredictOptions, load_predictor, process_scan
 
 logger = logging.getLogger(__name__)
 
@@ -51,37 +52,37 @@ class DemoReport:
         return "\n".join(lines)
 
 
-def _choose_model(device: str) -> tuple[str, str]:
-    """(pipeline model name, sentence saying why)."""
-    from dipid.predict import DEFAULT_WEIGHTS_DIR, JointPredictor
+def _choose_model(device: str) -> tuple[PredictOptions, str]:
+    """(how to predict the demo scan, a sentence saying which model and why)."""
+    # torch behind it: imported only when the demo runs
+    from dipid.models.weights import DEFAULT_WEIGHTS_DIR
 
+    options = PredictOptions(model="joint", device=device, overwrite=True)
     try:
-        predictor = JointPredictor.from_pretrained(device=device)
+        predictor = load_predictor(options)  # cached: process_scan reuses it
     except WeightsNotFoundError:
-        return "classical", ("classical baseline: no trained weights are shipped in weights/ yet "
-                             "(train them with `dipid train tlm` / `dipid train sslm`)")
+        return replace(options, model="classical"), (
+            "classical baseline: no trained weights are shipped in weights/ yet "
+            "(train them with `dipid train tlm` / `dipid train sslm`)")
     parts = [name for name, model in (("TLM", predictor.tlm), ("SSLM", predictor.sslm)) if model is not None]
     if predictor.settings.fusion_classical:
         parts.append("classical finder")
-    return "joint", f"joint ({' + '.join(parts)}, shipped weights in {DEFAULT_WEIGHTS_DIR})"
+    return options, f"joint ({' + '.join(parts)}, shipped weights in {DEFAULT_WEIGHTS_DIR})"
 
 
 def run_demo(out: str | Path = "dipid-demo", *, seed: int = 7, frames: int = 61, device: str = "auto") -> DemoReport:
     """Simulate, predict, write ``<scan>_dipid.nxs``, ``<scan>_peaks.csv``, ``<scan>_view.html`` into ``out``."""
     from dipid.io.results_nexus import read_results_nexus
-    from dipid.pipeline import PredictOptions, process_scan
     from dipid.synth import simulate_scan
     from dipid.volume import match_peaks_3d
 
     out = Path(out)
     sim = simulate_scan(n_frames=frames, preset="realistic", seed=seed)
     files = sim.write(out, "demo_scan")
-    model, why = _choose_model(device)
+    options, why = _choose_model(device)
     logger.info("demo: %s", why)
-    summary = process_scan(files.nexus, out, PredictOptions(model=model, device=device, overwrite=True))
+    summary = process_scan(files.nexus, out, options)
     if summary.status != "done":
-        from dipid.errors import DipidError
-
         raise DipidError(f"demo failed: {summary.error}")
     results = read_results_nexus(summary.outputs["nexus"])
     truth = sim.truth_volume()

@@ -191,8 +191,6 @@ def evaluate(
     for m in models:
         if m not in MODEL_KINDS or m not in predictor.available_models:
             raise UnknownNameError("model", m, predictor.available_models)
-    use = {"use_tlm": "tlm" in models or "joint" in models, "use_ssl": "ssl" in models or "joint" in models,
-           "use_classical": "classical" in models}
     views = _tta_views() if tta else [(lambda a: a, lambda a: a)]
 
     gt: list[np.ndarray] = []
@@ -206,7 +204,8 @@ def evaluate(
             per_view = []
             for forward, inverse in views:
                 results = predictor.predict_frames(
-                    np.ascontiguousarray(forward(counts)), bad_pixels=forward(bad), **use, keep_probability=False)
+                    np.ascontiguousarray(forward(counts)), bad_pixels=forward(bad), models=models,
+                    keep_probability=False)
                 per_view.append([(r, inverse) for r in results])
             for k, fl in enumerate(chunk):
                 gt.append(fl.masks())

@@ -119,8 +119,8 @@ def process_scan(scan_path: str | Path, out_dir: str | Path, options: PredictOpt
         predictor = load_predictor(options)
         scan = open_scan(scan_path)
         with scan:
-            use = _model_flags(options.model, predictor)
-            result = predictor.predict_scan(scan, batch_size=options.batch_size, **use)
+            # "joint" runs both networks, the others the one model named (see dipid.predict.select_models)
+            result = predictor.predict_scan(scan, batch_size=options.batch_size, models=options.model)
             counts = result.read_counts(scan)
         peaks = scan_peaks(result, counts, model=options.model, min_frames=options.min_frames)
         Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -152,16 +152,6 @@ def process_scan(scan_path: str | Path, out_dir: str | Path, options: PredictOpt
         # in_summary: the CLI prints the summary's error itself, and drops this record
         logger.error("%s", summary.error, extra={"in_summary": True})
     return summary
-
-
-def _model_flags(model: str, predictor) -> dict[str, bool]:
-    if model == "classical":
-        return {"use_tlm": False, "use_ssl": False, "use_classical": True}
-    if model == "tlm":
-        return {"use_tlm": True, "use_ssl": False}
-    if model == "ssl":
-        return {"use_tlm": False, "use_ssl": True}
-    return {"use_tlm": True, "use_ssl": True}
 
 
 def process_scans(

@@ -16,6 +16,7 @@ from dipid.metrics import mask_iou_matrix
 from dipid.models import build_sslm, build_tlm
 from dipid.models.inference import fold_batchnorm, inference_copy
 from dipid.models.normalize import normalize_counts
+from dipid.models.sslm import assign_channels
 from dipid.postprocess import connected_instances
 from dipid.predict import JointPredictor, PredictorSettings
 from dipid.synth import simulate_scan
@@ -60,6 +61,9 @@ def setup(tmp_path_factory):
     assert randomise_norms(tlm, 1) > 50 and randomise_norms(sslm, 2) == 3
     sim = simulate_scan(n_frames=5, preset="realistic", seed=21)
     path = sim.write(tmp_path_factory.mktemp("eq"), "eq").nexus
+    with open_scan(path) as scan:
+        # roles given here, as training stores them: the predictor never writes into the model it is given
+        assign_channels(sslm, normalize_counts(torch.from_numpy(scan[0:3]))[:, None])
     return tlm, sslm, path
 
 
@@ -79,7 +83,7 @@ def test_batched_pipeline_matches_single_frame_path(setup):
     # ... on the predictor's copy: the model it was given is untouched
     assert tlm.net.roi_heads.score_thresh == reference_heads_thresh
     assert all(torch.equal(v, reference_state[k]) for k, v in tlm.state_dict().items())
-    result = predictor.predict_scan(path, batch_size=3, use_ssl=True)
+    result = predictor.predict_scan(path, batch_size=3)
     total = 0
     for k, (ref_masks, ref_scores) in enumerate(reference):
         got = result[k].tlm

@@ -28,7 +28,7 @@ def sim_scan(tmp_path_factory):
 
 def test_predict_scan_shapes_every_frame(predictor, sim_scan):
     sim, files = sim_scan
-    result = predictor.predict_scan(files.nexus, batch_size=4, use_classical=True)
+    result = predictor.predict_scan(files.nexus, batch_size=4, models=("joint", "classical"))
     n, h, w = sim.frames.shape
     assert len(result) == n
     assert result.frame_numbers.tolist() == list(range(n))
@@ -54,15 +54,15 @@ def test_predict_scan_shapes_every_frame(predictor, sim_scan):
 
 def test_predict_scan_range_and_one_image(predictor, sim_scan):
     sim, files = sim_scan
-    part = predictor.predict_scan(files.nexus, start_val=2, end_val=5, use_ssl=False)
+    part = predictor.predict_scan(files.nexus, start_val=2, end_val=5, models="tlm")
     assert part.frame_numbers.tolist() == [2, 3, 4]
     assert all(f.ssl is None for f in part)
-    one = predictor.predict_one_image(files.nexus, 3, use_ssl=False)
+    one = predictor.predict_one_image(files.nexus, 3, models="tlm")
     # the batched scan path and the single-image path give the same instances
     np.testing.assert_array_equal(one.tlm.masks, part[3].tlm.masks)
     np.testing.assert_allclose(one.tlm.scores, part[3].tlm.scores, rtol=1e-4, atol=1e-5)
     # a bare 2D array works too
-    arr = predictor.predict_one_image(sim.frames[3].astype(np.float32), use_ssl=False)
+    arr = predictor.predict_one_image(sim.frames[3].astype(np.float32), models="tlm")
     assert arr.frame is None and arr.shape == sim.frames.shape[1:]
 
 
@@ -157,9 +157,9 @@ def test_large_frame_tiles_merge_peaks_on_borders():
     yy, xx = np.mgrid[0:h, 0:w]
     for r, c, sigma in centres:
         frame += 3000 * np.exp(-((yy - r) ** 2 + (xx - c) ** 2) / (2 * sigma**2))
-    tiled = JointPredictor(device="cpu", settings=settings).predict_one_image(frame, use_classical=True)
+    tiled = JointPredictor(device="cpu", settings=settings).predict_one_image(frame, models="classical")
     whole = JointPredictor(device="cpu", settings=PredictorSettings(tile_size=4096)).predict_one_image(
-        frame, use_classical=True)
+        frame, models="classical")
     found = tiled.classical
     assert len(found) == len(whole.classical) == 3
     cents = found.centroids()
@@ -185,7 +185,7 @@ def test_classical_finder_as_third_source_of_joint(predictor, sim_scan):
                        fusion_classical=True, fusion_add_unmatched_classical=True, fusion_classical_min_score=0.0)
     fused = JointPredictor(tlm=predictor.tlm, sslm=predictor.sslm, device="cpu", settings=settings)
     results = fused.predict_frames(counts)
-    plain = fused.predict_frames(counts, use_classical=True)
+    plain = fused.predict_frames(counts, models=("tlm", "ssl", "classical"))
     classical_peaks = sum(len(r.classical) for r in plain)
     assert classical_peaks > 0  # the realistic scan has peaks the finder sees
     for with_joint_only, with_classical in zip(results, plain):
@@ -197,3 +197,181 @@ def test_classical_finder_as_third_source_of_joint(predictor, sim_scan):
     off = JointPredictor(tlm=predictor.tlm, sslm=predictor.sslm, device="cpu",
                          settings=replace(settings, fusion_classical=False))
     assert all(len(r.joint) == 0 for r in off.predict_frames(counts))
+
+
+def test_models_argument_names_what_runs(predictor, sim_scan):
+    from dipid.predict import MODEL_NAMES, select_models
+
+    assert select_models(None) == ("tlm", "ssl")
+    assert select_models("joint") == ("tlm", "ssl")
+    assert select_models(["classical", "tlm"]) == ("tlm", "classical")  # run order, whatever the order asked
+    assert select_models(()) == ()
+    with pytest.raises(UnknownNameError, match="nms") as info:
+        select_models(("tlm", "nms"))  # NMS is a setting (PredictorSettings.nms), not a model
+    for name in MODEL_NAMES:
+        assert name in str(info.value)
+    frame = sim_scan[0].frames[1].astype(np.float32)
+    with pytest.raises(UnknownNameError):
+        predictor.predict_one_image(frame, models="tml")
+    only_ssl = predictor.predict_one_image(frame, models=["ssl"])
+    assert only_ssl.tlm is None and only_ssl.ssl is not None and only_ssl.classical is None
+    # a network the predictor does not hold is skipped
+    classical_only = JointPredictor(device="cpu").predict_one_image(frame, models=("joint", "classical"))
+    assert classical_only.tlm is None and classical_only.ssl is None and classical_only.classical is not None
+
+
+def test_nms_setting_removes_overlapping_tlm_instances(predictor, sim_scan):
+    from dataclasses import replace
+
+    from dipid.metrics import mask_iou_matrix
+
+    frame = sim_scan[0].frames[2, :, :160].astype(np.float32)
+    # Mask R-CNN's own box NMS leaves few masks overlapping by much: a low IoU makes mask NMS act
+    settings = replace(predictor.settings, threshold=0.0, nms_iou=0.05)
+    plain = JointPredictor(tlm=predictor.tlm, device="cpu", settings=settings).predict_one_image(frame)
+    nms = JointPredictor(tlm=predictor.tlm, device="cpu", settings=replace(settings, nms=True)).predict_one_image(frame)
+    assert len(plain.tlm) > len(nms.tlm) > 0  # untrained: many overlapping boxes
+    iou = mask_iou_matrix(nms.tlm.masks, nms.tlm.masks)
+    np.fill_diagonal(iou, 0.0)
+    assert iou.max() <= settings.nms_iou
+    assert len(nms.joint) == len(nms.tlm)  # one model: joint is its (de-duplicated) set
+
+
+def test_prediction_leaves_the_callers_models_unchanged(sim_scan):
+    """The predictor works on its own inference copies: nothing it sets up reaches the models given."""
+    import copy
+
+    torch.manual_seed(2)
+    tlm, sslm = build_tlm(), build_sslm(channels=8)
+    assert sslm.config.channel_roles is None  # untrained: the predictor assigns roles on the fly
+    configs = copy.deepcopy((tlm.config, sslm.config))
+    states = [{k: v.clone() for k, v in m.state_dict().items()} for m in (tlm, sslm)]
+    modes = [m.training for m in (tlm, sslm)]
+    heads = (tlm.net.roi_heads.score_thresh, dict(tlm.net.rpn._post_nms_top_n))
+    settings = PredictorSettings(threshold=0.7, proposals=50)
+    predictor = JointPredictor(tlm=tlm, sslm=sslm, device="cpu", settings=settings)
+    predictor.predict_scan(sim_scan[1].nexus, end_val=2, batch_size=2)
+    assert (tlm.config, sslm.config) == configs
+    assert sslm.config.channel_roles is None
+    assert predictor.sslm is sslm and predictor.tlm is tlm
+    for model, state in zip((tlm, sslm), states):
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert [m.training for m in (tlm, sslm)] == modes
+    assert (tlm.net.roi_heads.score_thresh, dict(tlm.net.rpn._post_nms_top_n)) == heads
+
+
+def _can_open_for_writing(path) -> bool:
+    """False while this process still holds the HDF5 file open (HDF5 refuses a second, writable open)."""
+    import h5py
+
+    try:
+        h5py.File(path, "r+").close()
+    except OSError:
+        return False
+    return True
+
+
+def _reader_threads() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "dipid-reader" and t.is_alive()]
+
+
+def test_predict_scan_closes_the_scan_it_opens(sim_scan, monkeypatch):
+    import dipid.predict
+    from dipid.io import Scan, open_scan
+
+    _, files = sim_scan
+    opened: list[Scan] = []
+    monkeypatch.setattr(dipid.predict, "open_scan", lambda path: opened.append(open_scan(path)) or opened[-1])
+    classical = JointPredictor(device="cpu")
+
+    result = classical.predict_scan(files.nexus, models="classical", batch_size=2)
+    assert len(result) == 6 and len(opened) == 1
+    assert _can_open_for_writing(files.nexus)  # closed, though `opened` still holds the Scan
+    classical.predict_one_image(files.nexus, 2, models="classical")
+    assert len(opened) == 2 and _can_open_for_writing(files.nexus)
+
+    # an error mid-scan: the read-ahead thread stops and the file is closed all the same
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("model failed")
+        return JointPredictor.predict_frames(classical, *args, **kwargs)
+
+    monkeypatch.setattr(classical, "predict_frames", failing)
+    with pytest.raises(RuntimeError, match="model failed"):
+        classical.predict_scan(files.nexus, models="classical", batch_size=1)
+    assert len(opened) == 3 and _can_open_for_writing(files.nexus)
+    assert not _reader_threads()
+
+    # a Scan the caller opened stays open: it is the caller's to close
+    with open_scan(files.nexus) as scan:
+        monkeypatch.setattr(classical, "predict_frames", JointPredictor.predict_frames.__get__(classical))
+        classical.predict_scan(scan, models="classical", end_val=2)
+        assert not _can_open_for_writing(files.nexus)
+        assert len(scan.read_frames([3])[0]) == 1
+    assert _can_open_for_writing(files.nexus)
+
+
+def test_read_ahead_stops_when_the_consumer_stops_early():
+    from contextlib import closing
+
+    from dipid.predict import _prefetch
+
+    state = {"read": 0, "closed": False}
+
+    def endless():
+        try:
+            while True:
+                state["read"] += 1
+                yield state["read"]
+        finally:
+            state["closed"] = True
+
+    with closing(_prefetch(endless(), depth=2)) as items:
+        assert next(items) == 1
+    assert state["closed"] and not _reader_threads()
+    assert state["read"] <= 5  # stopped reading ahead once closed (depth 2, one taken, one in hand)
+
+    # an error in the source reaches the consumer
+    def broken():
+        yield 1
+        raise ValueError("bad frame")
+
+    with pytest.raises(ValueError, match="bad frame"), closing(_prefetch(broken())) as items:
+        list(items)
+    assert not _reader_threads()
+
+
+def test_weights_location_rules(tmp_path):
+    from dipid.models.weights import (
+        RUN_CHECKPOINT,
+        WEIGHT_FILES,
+        find_checkpoints,
+        load_weights,
+        read_sha256sums,
+    )
+
+    sslm = build_sslm(channels=8)
+    sslm.config.channel_roles = [0] * 7 + [2]
+    run = tmp_path / "run"
+    run.mkdir()
+    save_checkpoint(sslm, run / RUN_CHECKPOINT)
+    assert find_checkpoints(run) == [run / RUN_CHECKPOINT]
+    assert find_checkpoints(run / RUN_CHECKPOINT) == [run / RUN_CHECKPOINT]
+    # named checkpoints win over a run's best
+    save_checkpoint(sslm, run / WEIGHT_FILES["sslm"])
+    assert find_checkpoints(run) == [run / WEIGHT_FILES["sslm"]]
+    with pytest.raises(WeightsNotFoundError, match="tlm.safetensors and/or sslm.safetensors"):
+        find_checkpoints(tmp_path / "nothing")
+    (run / "SHA256SUMS").write_text("ABC  *sslm.safetensors\nnot a line\n" + "d" * 64 + "  other.bin\n")
+    assert read_sha256sums(run / "SHA256SUMS") == {"sslm.safetensors": "abc", "other.bin": "d" * 64}
+    with pytest.raises(WeightsNotFoundError, match="does not match abc"):
+        load_weights(run)
+    (run / "SHA256SUMS").unlink()
+    loaded = load_weights(run)
+    assert set(loaded.models) == {"sslm"} and loaded.settings_file is None
+    assert loaded.info["sslm"]["path"] == str(run / WEIGHT_FILES["sslm"])

@@ -1,7 +1,7 @@
 """Inference copies of the models: BatchNorm folded into convolutions, channels-last memory.
 
 Both changes leave the maths unchanged (outputs agree to float rounding, ~1e-6 relative, which
-``tests/test_inference_copy.py`` checks end to end against the unmodified models):
+``tests/test_equivalence.py`` checks end to end against the unmodified models):
 
 * **BatchNorm folding.** In eval mode a BatchNorm (or torchvision's FrozenBatchNorm2d) right
   after a convolution is an affine map per channel, so it can be folded into the convolution's
@@ -15,7 +15,9 @@ Both changes leave the maths unchanged (outputs agree to float rounding, ~1e-6 r
 
 The copies are for inference only: their state dicts no longer match the checkpoint layout, so
 they are never saved or trained. :class:`dipid.JointPredictor` makes them (``optimize=True`` in
-:class:`dipid.predict.PredictorSettings`) and keeps the models it was given untouched.
+:class:`dipid.predict.PredictorSettings`) and keeps the models it was given untouched. A TLM
+copy can also drop low-scored detections inside the network and limit its RPN proposals
+(``min_score=``, ``proposals=``): settings of the run, never written into the model given.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-__all__ = ["fold_batchnorm", "inference_copy"]
+from dipid.errors import DipidError
+
+__all__ = ["fold_batchnorm", "inference_copy", "limit_detections"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,14 +104,20 @@ def inference_copy(
     device: str | torch.device = "cpu",
     fold_norms: bool = True,
     channels_last: bool = True,
+    min_score: float | None = None,
+    proposals: int | None = None,
 ) -> nn.Module:
     """An eval-mode copy of ``model`` on ``device``, by default with BatchNorm folded and
     channels-last weights (both off: a plain copy, the unoptimised reference).
 
-    ``model`` itself is not modified. Outputs of the copy equal the original's in eval mode up to
-    float rounding; inputs may stay in the default (NCHW) layout.
+    ``model`` itself is not modified (its configuration included: the copy has its own). Outputs
+    of the copy equal the original's in eval mode up to float rounding; inputs may stay in the
+    default (NCHW) layout. ``min_score`` and ``proposals`` apply to a TLM copy, see
+    :func:`limit_detections`.
     """
     fast = copy.deepcopy(model).eval()
+    if min_score is not None or proposals is not None:
+        limit_detections(fast, min_score=min_score, proposals=proposals)
     for parameter in fast.parameters():
         parameter.requires_grad_(False)
     count = fold_batchnorm(fast) if fold_norms else 0
@@ -122,6 +132,37 @@ def inference_copy(
     logger.debug("inference copy of %s: %d BatchNorm layers folded, channels_last=%s",
                  type(model).__name__, count, channels_last)
     return fast
+
+
+def limit_detections(tlm: nn.Module, *, min_score: float | None = None, proposals: int | None = None) -> None:
+    """Set, in place, what a TLM (an inference copy: see :func:`inference_copy`) computes per frame in eval mode.
+
+    Args:
+        min_score: detections scoring below this are dropped inside the network (never lowers the
+            model's own ``score_thresh``). Dropping them there spares the mask head, the costliest
+            part per detection; the kept detections are unchanged, as box NMS only ever suppresses
+            a box with a higher-scored one.
+        proposals: RPN proposals per frame that reach the box head (None: the model's own).
+    Raises:
+        TypeError: ``tlm`` is not a torchvision Mask R-CNN wrapper (no ``net.roi_heads``/``net.rpn``).
+        DipidError: ``proposals`` given, and this torchvision keeps the limit elsewhere.
+    """
+    net = getattr(tlm, "net", None)
+    heads, rpn = getattr(net, "roi_heads", None), getattr(net, "rpn", None)
+    if heads is None or rpn is None:
+        raise TypeError(f"limit_detections needs a TLM (a Mask R-CNN in .net), got {type(tlm).__name__}")
+    if min_score is not None:
+        heads.score_thresh = max(float(heads.score_thresh), float(min_score))
+    if proposals is not None:
+        # torchvision keeps the limit in a private dict read by rpn.post_nms_top_n() and offers no
+        # setter; the alternative, rebuilding the network from a changed config, costs a full
+        # Mask R-CNN construction per predictor. Checked so a torchvision change fails loudly here.
+        limits = getattr(rpn, "_post_nms_top_n", None)
+        if not isinstance(limits, dict) or "testing" not in limits:
+            raise DipidError("this torchvision's RegionProposalNetwork keeps no _post_nms_top_n['testing'] limit, "
+                             "so the proposals setting cannot be applied: leave PredictorSettings.proposals at None "
+                             "or install a torchvision version pyproject.toml allows")
+        limits["testing"] = int(proposals)
 
 
 def _contiguous_feature_maps(module: nn.Module, inputs: Any, output: "OrderedDict[str, torch.Tensor]"):
