@@ -3,6 +3,9 @@
 Every subcommand turns dipid's own exceptions into one line on stderr (``dipid: error: ...``,
 naming the file, the path inside it and what to do) and a non-zero exit code; a traceback from
 the CLI is a bug. Warnings are one line each too (``dipid: warning: ...``).
+
+Each subcommand imports its implementation inside its handler, so ``dipid --help`` and the
+parsing of every command load neither torch, h5py nor plotly (``tests/test_architecture.py``).
 """
 
 from __future__ import annotations
@@ -14,6 +17,10 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from dipid import __version__
+from dipid.errors import DipidError, DipidWarning, ScanWarning
+from dipid.tables import text_table
+
 logger = logging.getLogger("dipid.cli")
 
 EXIT_ERROR = 2
@@ -22,7 +29,7 @@ EXIT_INTERRUPTED = 130
 
 # --------------------------------------------------------------------------------- commands
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from dipid.synth import simulate_dataset
+    from dipid.synth import simulate_dataset  # h5py
 
     written = simulate_dataset(
         args.out, n_scans=args.scans, n_frames=args.frames, seed=args.seed, preset=args.preset, detector=args.detector
@@ -34,7 +41,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_labels_convert(args: argparse.Namespace) -> int:
-    from dipid.io.zooniverse import convert_zooniverse
+    from dipid.io.zooniverse import convert_zooniverse  # h5py
 
     labels = convert_zooniverse(args.csv, args.out)
     print(f"wrote {len(labels)} frames, {labels.n_instances} instances to {args.out}")
@@ -58,7 +65,7 @@ def _freeze(value: str) -> str | int:
 
 
 def cmd_train_tlm(args: argparse.Namespace) -> int:
-    from dipid.train.tlm import train_tlm
+    from dipid.train.tlm import train_tlm  # torch
 
     summary = train_tlm(
         train=args.train, val=args.val, out=args.out, base_weights=args.base_weights, freeze=args.freeze,
@@ -73,7 +80,7 @@ def cmd_train_tlm(args: argparse.Namespace) -> int:
 
 
 def cmd_train_sslm(args: argparse.Namespace) -> int:
-    from dipid.train.sslm_run import train_sslm
+    from dipid.train.sslm_run import train_sslm  # torch
 
     summary = train_sslm(  # bad label files fail before the run folder is made
         scans=args.scans, out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, device=args.device,
@@ -86,13 +93,13 @@ def cmd_train_sslm(args: argparse.Namespace) -> int:
 
 
 def _load_predictor_for(model: str, weights: str | None, device: str, threshold: float | None):
-    from dipid.pipeline import PredictOptions, load_predictor
+    from dipid.pipeline import PredictOptions, load_predictor  # h5py (and torch when a model loads)
 
     return load_predictor(PredictOptions(model=model, weights=weights, device=device, threshold=threshold))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from dipid.evaluate import evaluate, load_label_sets
+    from dipid.evaluate import evaluate, load_label_sets  # torch
 
     label_sets = load_label_sets(args.data)  # bad labels fail before a model is loaded or a file written
     weights = None if args.model in ("shipped", "default") else args.model
@@ -111,8 +118,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from dipid.errors import ScanWarning
-    from dipid.pipeline import PredictOptions, process_scans
+    from dipid.pipeline import PredictOptions, process_scans  # h5py (and torch when a model loads)
 
     options = PredictOptions(model=args.model, weights=args.weights, device=args.device, batch_size=args.batch_size,
                              threshold=args.threshold, overwrite=args.overwrite, viewer=not args.no_viewer,
@@ -136,14 +142,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _summary_table(summaries) -> str:
-    from dipid.tables import text_table
 
     rows = [[Path(s.scan).name, s.status, s.frames, s.peaks, round(s.seconds, 1)] for s in summaries]
     return text_table(["scan", "status", "frames", "peaks", "seconds"], rows)
 
 
 def cmd_view(args: argparse.Namespace) -> int:
-    from dipid.viz import view_results_file
+    from dipid.viz import view_results_file  # plotly, h5py
 
     out = view_results_file(args.result, args.out)
     print(f"wrote {out}")
@@ -151,7 +156,7 @@ def cmd_view(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from dipid.demo import run_demo
+    from dipid.demo import run_demo  # h5py (and torch when weights load)
 
     report = run_demo(args.out, seed=args.seed, frames=args.frames, device=args.device)
     print(report.format())
@@ -160,7 +165,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    from dipid import __version__
 
     parser = argparse.ArgumentParser(prog="dipid", description="Find and segment diffraction peaks in X-ray detector scans.")
     parser.add_argument("--version", action="version", version=f"dipid {__version__}")
@@ -287,7 +291,6 @@ def _configure_logging(verbose: bool) -> None:
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
     """warnings.showwarning for the CLI: one line on stderr, no source line."""
-    from dipid.errors import DipidWarning
 
     if issubclass(category, DipidWarning):
         text = f"dipid: warning: {message}"
@@ -298,7 +301,6 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dipid`` console script; returns the exit code."""
-    from dipid.errors import DipidError
 
     try:
         parser = build_parser()

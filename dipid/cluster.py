@@ -1,23 +1,27 @@
 """Many scans on a Dask cluster: a LocalCluster by default, or any scheduler address.
 
-Each scan is one task running :func:`dipid.pipeline.process_scan` on a worker, which loads the
-predictor once per process and writes the scan's results itself; only the small summary comes
-back. Beamline HPC users start a cluster with dask-jobqueue on SLURM and pass its address
+Each scan is one task running the caller's per-scan function (the pipeline passes
+:func:`dipid.pipeline.process_scan`) on a worker, which loads the predictor once per process and
+writes the scan's results itself; only the small summary comes back. This module knows nothing
+of the pipeline: it is handed the function, so the dependency points one way (pipeline -> cluster). Beamline HPC users start a cluster with dask-jobqueue on SLURM and pass its address
 (see the README's recipe).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 
 from dipid.errors import DipidError
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["run_on_dask"]
+
+Summary = TypeVar("Summary")
 
 #: Loggers of Dask itself: their INFO lines (scheduler and nanny start-up, every connection) are
 #: noise to a dipid user, so they are shown from WARNING up unless dipid logs at DEBUG (``--verbose``).
@@ -45,17 +49,20 @@ def _dask_logging(level: int) -> Iterator[None]:
 
 
 def run_on_dask(
+    process_scan: Callable[[str, str, Any], Summary],
     scans: Sequence[str | Path],
     out_dir: str | Path,
-    options,
+    options: Any,
     *,
+    failed: Callable[[str, str], Summary],
     workers: int = 2,
     scheduler: str | None = None,
     threads_per_worker: int = 1,
     progress: bool = True,
     log_level: int | None = None,
 ) -> list:
-    """Run ``process_scan`` for every scan on Dask; returns the summaries in input order.
+    """Run ``process_scan(scan, out_dir, options)`` for every scan on Dask; returns the summaries
+    in input order. A scan whose worker died is reported as ``failed(scan, message)``.
 
     ``log_level`` is the level of Dask's own loggers, here and in the LocalCluster's worker
     processes (default :func:`dask_log_level`: WARNING, or INFO under ``dipid --verbose``).
@@ -68,16 +75,14 @@ def run_on_dask(
         ) from exc
     level = dask_log_level() if log_level is None else int(log_level)
     with _dask_logging(level):
-        return _run(scans, out_dir, options, workers=workers, scheduler=scheduler,
+        return _run(process_scan, scans, out_dir, options, failed=failed, workers=workers, scheduler=scheduler,
                     threads_per_worker=threads_per_worker, progress=progress, log_level=level)
 
 
-def _run(scans, out_dir, options, *, workers: int, scheduler: str | None, threads_per_worker: int, progress: bool,
+def _run(process_scan, scans, out_dir, options, *, failed, workers: int, scheduler: str | None, threads_per_worker: int, progress: bool,
          log_level: int) -> list:
     from dask.distributed import Client, LocalCluster, as_completed
     from tqdm.auto import tqdm
-
-    from dipid.pipeline import ScanSummary, process_scan
 
     scans = [str(Path(s).resolve()) for s in scans]
     out_dir = str(Path(out_dir).resolve())
@@ -103,7 +108,7 @@ def _run(scans, out_dir, options, *, workers: int, scheduler: str | None, thread
                 try:
                     summaries[i] = future.result()
                 except Exception as exc:  # a worker died: report the scan, keep the others
-                    summaries[i] = ScanSummary(scan=scans[i], status="failed", error=f"{scans[i]}: worker failed: {exc}")
+                    summaries[i] = failed(scans[i], f"{scans[i]}: worker failed: {exc}")
                 bar.update(1)
         return summaries
     finally:

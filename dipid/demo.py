@@ -14,7 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from dipid.errors import DipidError, WeightsNotFoundError
+from dipid.io.results_nexus import read_results_nexus
 from dipid.pipeline import PredictOptions, load_predictor, process_scan
+from dipid.synth import simulate_scan
+from dipid.tables import text_table
+from dipid.volume import match_peaks_3d
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +43,6 @@ class DemoReport:
     precision: float
 
     def format(self) -> str:
-        from dipid.tables import text_table
 
         cols = list(self.comparison)
         rows = list(zip(*self.comparison.values()))
@@ -55,7 +58,7 @@ class DemoReport:
 def _choose_model(device: str) -> tuple[PredictOptions, str]:
     """(how to predict the demo scan, a sentence saying which model and why)."""
     # torch behind it: imported only when the demo runs
-    from dipid.models.weights import DEFAULT_WEIGHTS_DIR
+    from dipid.models.weights import DEFAULT_WEIGHTS_DIR  # imports torch: only when weights are looked for
 
     options = PredictOptions(model="joint", device=device, overwrite=True)
     try:
@@ -72,9 +75,6 @@ def _choose_model(device: str) -> tuple[PredictOptions, str]:
 
 def run_demo(out: str | Path = "dipid-demo", *, seed: int = 7, frames: int = 61, device: str = "auto") -> DemoReport:
     """Simulate, predict, write ``<scan>_dipid.nxs``, ``<scan>_peaks.csv``, ``<scan>_view.html`` into ``out``."""
-    from dipid.io.results_nexus import read_results_nexus
-    from dipid.synth import simulate_scan
-    from dipid.volume import match_peaks_3d
 
     out = Path(out)
     sim = simulate_scan(n_frames=frames, preset="realistic", seed=seed)

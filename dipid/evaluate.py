@@ -20,9 +20,12 @@ from tqdm.auto import tqdm
 
 from dipid.errors import LabelError, UnknownNameError
 from dipid.files import atomic_write_text, to_jsonable
+from dipid.io import open_scan
 from dipid.io.coco import LabelSet, read_coco
+from dipid.metrics import evaluate_frames, mask_iou_matrix
 from dipid.results import MODEL_KINDS, Instances
 from dipid.tables import text_table
+from dipid.train.augment import tta_views
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +74,6 @@ def iter_labelled_batches(
     Yields:
         ``(scan name, frame labels (B), counts (B, H, W) float32 filled, bad pixels (B, H, W) bool)``.
     """
-    from dipid.io import open_scan
 
     for labels in label_sets:
         for scan_name, frame_labels in labels.by_scan().items():
@@ -91,7 +93,6 @@ def merge_views(views: Sequence[Instances], *, iou_threshold: float = 0.5, min_v
     members, its score the sum of its members' scores divided by the number of views (a view
     that missed the peak counts as score 0).
     """
-    from dipid.metrics import mask_iou_matrix
 
     shape = views[0].shape
     n_views = len(views)
@@ -183,7 +184,6 @@ def evaluate(
         group_of: scan name -> group name; each group is also scored on its own (``per_group``),
             from the same predictions.
     """
-    from dipid.metrics import evaluate_frames
 
     label_sets = [data] if isinstance(data, LabelSet) else (
         list(data) if isinstance(data, (list, tuple)) and data and isinstance(data[0], LabelSet) else load_label_sets(data))
@@ -242,7 +242,6 @@ def evaluate(
 
 
 def _tta_views():
-    from dipid.train.augment import tta_views
 
     return tta_views()
 

@@ -19,7 +19,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dipid import __version__
+from dipid.cluster import run_on_dask
 from dipid.errors import DipidError, UnknownNameError
+from dipid.io import open_scan
+from dipid.io.results_nexus import write_results_nexus
+from dipid.volume import scan_peaks
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +94,7 @@ def output_paths(scan_path: str | Path, out_dir: str | Path) -> dict[str, Path]:
 @functools.lru_cache(maxsize=4)
 def load_predictor(options: PredictOptions):
     """Build (once per process and option set) the predictor ``options`` asks for."""
-    from dipid.predict import JointPredictor
+    from dipid.predict import JointPredictor  # torch: `dipid --help` and the Dask client stay light
 
     kwargs: dict[str, Any] = {"device": options.device}
     if options.threshold is not None:
@@ -101,11 +106,6 @@ def load_predictor(options: PredictOptions):
 
 def process_scan(scan_path: str | Path, out_dir: str | Path, options: PredictOptions = PredictOptions()) -> ScanSummary:
     """Predict one scan and write its three outputs. Never raises for a bad scan: the summary says why."""
-    from dipid import __version__
-    from dipid.io import open_scan
-    from dipid.io.results_nexus import write_results_nexus
-    from dipid.volume import scan_peaks
-
     scan_path = Path(scan_path)
     paths = output_paths(scan_path, out_dir)
     summary = ScanSummary(scan=str(scan_path), status="done", outputs={k: str(v) for k, v in paths.items()})
@@ -127,7 +127,7 @@ def process_scan(scan_path: str | Path, out_dir: str | Path, options: PredictOpt
         written.append(paths["peaks"])
         peaks.to_csv(paths["peaks"])
         if options.viewer:
-            from dipid.viz import view_scan_result
+            from dipid.viz import view_scan_result  # plotly, only when a viewer is asked for
 
             written.append(paths["viewer"])
             view_scan_result(result, counts, paths["viewer"], peak_table=peaks)
@@ -171,6 +171,5 @@ def process_scans(
         from tqdm.auto import tqdm
 
         return [process_scan(s, out_dir, options) for s in tqdm(list(scans), desc="scans", unit="scan", disable=not progress)]
-    from dipid.cluster import run_on_dask
-
-    return run_on_dask(scans, out_dir, options, workers=workers, scheduler=scheduler, progress=progress)
+    return run_on_dask(process_scan, scans, out_dir, options, workers=workers, scheduler=scheduler, progress=progress,
+                       failed=lambda scan, error: ScanSummary(scan=scan, status="failed", error=error))

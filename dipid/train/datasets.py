@@ -29,9 +29,12 @@ from torch.utils.data import ConcatDataset, Dataset, IterableDataset, get_worker
 from torchvision import tv_tensors
 
 from dipid.errors import LabelError
+from dipid.io import open_scan
 from dipid.io.coco import FrameLabels, LabelSet, read_coco
+from dipid.io.pixels import fill_bad_pixels
 from dipid.models.normalize import normalize_counts
-from dipid.train.augment import make_sample
+from dipid.synth import get_detector, get_preset, simulate_scan
+from dipid.train.augment import boxes_from_masks, make_sample
 
 __all__ = [
     "Sample",
@@ -83,19 +86,16 @@ def frame_sample(counts: np.ndarray, masks: np.ndarray, *, augment: Augment | No
 # --- stand-in seams: the real modules are imported on first use -----------------------------------
 
 def _open_scan(path: Path) -> Any:
-    from dipid.io import open_scan
 
     return open_scan(path)
 
 
 def _simulate_scan(*, n_frames: int, preset: str, detector: str, seed: int) -> Any:
-    from dipid.synth import simulate_scan
 
     return simulate_scan(n_frames=n_frames, preset=preset, detector=detector, seed=seed)
 
 
 def _check_simulator_names(presets: Sequence[str], detector: str) -> None:
-    from dipid.synth import get_detector, get_preset
 
     for preset in presets:
         get_preset(preset)
@@ -103,7 +103,6 @@ def _check_simulator_names(presets: Sequence[str], detector: str) -> None:
 
 
 def _fill_bad_pixels(frames: np.ndarray, bad: np.ndarray) -> np.ndarray:
-    from dipid.io.pixels import fill_bad_pixels
 
     return fill_bad_pixels(frames, bad)
 
@@ -333,7 +332,6 @@ def crop_sample(sample: Sample, top: int, left: int, height: int, width: int, *,
     ``min_area`` pixels are dropped (a sliver at the window's edge is not a peak one can learn).
     Boxes are recomputed from the cropped masks (:func:`dipid.train.augment.boxes_from_masks`).
     """
-    from dipid.train.augment import boxes_from_masks
 
     image, target = sample
     rows, cols = slice(top, top + height), slice(left, left + width)
