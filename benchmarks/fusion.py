@@ -4,7 +4,8 @@ The TLM, the SSLM and the classical finder run once over every frame of two simu
 validation set (its own seeds) on which the fusion settings are chosen, and the benchmark test
 set of ``benchmarks/accuracy.py`` on which they are reported. Fusing cached outputs is cheap, so
 every rule in the grid is scored on both sets without running the networks again. The grid
-includes rules that use the classical finder as a third source (confirmation, added peaks,
+includes rules that use the classical finder as a third source (confirmation, added peaks, a
+two-of-three vote with the SSLM,
 pixel edges; see :func:`dipid.postprocess.fuse_instances`).
 
 A rule is acceptable on a set when its mean IoU, instance F1 and mask AP are all >= those of
@@ -50,8 +51,11 @@ SSL_MINIMA = ((0.5, 50), (0.9, 0), (1.01, 0))
 #: None: TLM masks as they are; else confirmed instances take SSLM (or classical) edges this far around them.
 REFINE_MARGINS = (None, 2)
 #: How the classical finder joins: None (not at all), or (min score of an added classical-only peak
-#: (above 1: none added), whether confirmed instances take its pixel edges).
-CLASSICAL_MODES = (None, (1.01, False), (0.5, False), (0.75, False), (0.75, True))
+#: (above 1: none added), whether confirmed instances take its pixel edges, whether an SSLM
+#: component and a classical peak that agree join without the TLM: with the lone-instance rules
+#: off, that last one makes `joint` a two-of-three vote, PredictorSettings.fusion_add_agreeing).
+CLASSICAL_MODES = (None, (1.01, False, False), (0.5, False, False), (0.75, False, False), (0.75, True, False),
+                   (1.01, True, True), (0.9, True, True))
 
 
 def make_rules(defaults) -> dict:
@@ -63,7 +67,8 @@ def make_rules(defaults) -> dict:
             continue  # classical edges need a refine margin
         ssl_rule = f"{ssl_min},{ssl_area}px" if ssl_min <= 1 else "never"
         cl_rule = "no" if classical is None else (
-            ("confirm" if classical[0] > 1 else f"add>={classical[0]}") + ("+edges" if classical[1] else ""))
+            ("vote+" if classical[2] else "") + ("confirm" if classical[0] > 1 else f"add>={classical[0]}")
+            + ("+edges" if classical[1] else ""))
         name = (f"t={threshold} tlm>={tlm_min if tlm_min <= 1 else 'never'} ssl>={ssl_rule} "
                 f"refine={'no' if margin is None else margin} cl={cl_rule}")
         rules[name] = replace(defaults, threshold=threshold, fusion_tlm_min_score=tlm_min,
@@ -73,7 +78,8 @@ def make_rules(defaults) -> dict:
                               fusion_classical=classical is not None,
                               fusion_classical_min_score=min(classical[0], 1.0) if classical else 0.5,
                               fusion_add_unmatched_classical=bool(classical and classical[0] <= 1),
-                              fusion_refine_with_classical=bool(classical and classical[1]))
+                              fusion_refine_with_classical=bool(classical and classical[1]),
+                              fusion_add_agreeing=bool(classical and classical[2]))
     return rules
 
 

@@ -206,6 +206,7 @@ def fuse_instances(
     classical_min_area: int = 0,
     add_unmatched_classical: bool = False,
     refine_with_classical: bool = False,
+    add_agreeing_evidence: bool = False,
 ) -> FusedInstances:
     """Combine Mask R-CNN (TLM) instances with clustering (SSLM) components, and optionally the
     classical finder's peaks: dipid's ``joint`` output.
@@ -229,7 +230,16 @@ def fuse_instances(
        instance is added as an instance of its own (source 2, or 4) when its score is >=
        ``ssl_min_score`` (``classical_min_score``) and its area is >= ``ssl_min_area``
        (``classical_min_area``) pixels: peaks the TLM missed (small lone components are mostly noise).
-    5. Mask NMS at ``nms_iou`` (see :func:`mask_nms`) removes duplicates, such as one missed peak
+    5. With ``add_agreeing_evidence``, an SSLM component and a classical peak that confirm no TLM
+       instance but agree with each other (the same test as step 1, the classical peak in the
+       instance's place) join `joint` as one instance whatever their own minimum scores: the
+       classical peak's pixel-exact mask, the combined score of step 2 and sources 2 | 4. With
+       the TLM's lone instances and each lone kind of evidence kept out (``tlm_min_score`` above
+       1, no ``add_unmatched_*``), this makes `joint` a majority vote: a peak is reported where at
+       least two of the three detectors agree. Their failures differ (the TLM's false positives on
+       structured backgrounds, the SSLM's on noise, the classical finder's on rings and streaks),
+       so agreement removes most false peaks while a real peak is rarely missed by two of them.
+    6. Mask NMS at ``nms_iou`` (see :func:`mask_nms`) removes duplicates, such as one missed peak
        added by both the SSLM and the classical finder.
 
     The thresholds say how far each model is trusted alone. Which values make ``joint`` at least
@@ -286,11 +296,28 @@ def fuse_instances(
 
     kept_tlm = confirmed | (tlm_scores >= tlm_min_score)
     masks, scores, sources = masks[kept_tlm], scores[kept_tlm], sources[kept_tlm]
-    for ev in evidence:
+    used = [ev.confirms.any(axis=0) for ev in evidence]  # evidence that confirmed a TLM instance
+    if add_agreeing_evidence and len(evidence) == 2:
+        ssl, classical = evidence
+        lone_ssl, lone_classical = np.flatnonzero(~used[0]), np.flatnonzero(~used[1])
+        if lone_ssl.size and lone_classical.size:
+            agree = _confirmations(classical.masks[lone_classical], _areas(classical.masks[lone_classical]),
+                                   ssl.masks[lone_ssl], match_iou)  # (K lone classical, M lone SSLM)
+            agreed = agree.any(axis=1)
+            if agreed.any():
+                best_ssl = np.where(agree, ssl.scores[lone_ssl][None, :], -np.inf).max(axis=1)[agreed]
+                peaks = lone_classical[agreed]
+                masks = np.concatenate([masks, classical.masks[peaks]])
+                scores = np.concatenate([scores, _combined_confidence(classical.scores[peaks].astype(np.float64),
+                                                                      best_ssl.astype(np.float64))])
+                sources = np.concatenate([sources, np.full(peaks.size, ssl.flag | classical.flag, np.uint8)])
+                used[1][peaks] = True
+                used[0][lone_ssl[agree[agreed].any(axis=0)]] = True
+    for ev, ev_used in zip(evidence, used):
         if not ev.add_unmatched:
             continue
         area = _areas(ev.masks)
-        new = np.flatnonzero(~ev.confirms.any(axis=0) & (ev.scores >= ev.min_score) & (area >= ev.min_area))
+        new = np.flatnonzero(~ev_used & (ev.scores >= ev.min_score) & (area >= ev.min_area))
         if new.size:
             masks = np.concatenate([masks, ev.masks[new]])
             scores = np.concatenate([scores, ev.scores[new].astype(np.float64)])

@@ -119,6 +119,10 @@ class PredictorSettings:
         fusion_classical_min_score, fusion_classical_min_area: what a classical peak no TLM
             instance matches needs to join `joint` (when ``fusion_add_unmatched_classical``).
         fusion_add_unmatched_classical: whether classical-only peaks join `joint`.
+        fusion_add_agreeing: whether an SSLM component and a classical peak that agree, with no
+            TLM instance, join `joint` as one instance (with the TLM's and each source's lone
+            instances kept out, `joint` is a two-of-three vote; see
+            :func:`dipid.postprocess.fuse_instances`, step 5). Needs ``fusion_classical``.
         fusion_refine_with_classical: whether a TLM instance a classical peak confirms takes its
             pixel edges.
         tile_size: frames with a side longer than this are predicted in overlapping tiles (pixels).
@@ -149,6 +153,7 @@ class PredictorSettings:
     fusion_classical_min_area: int = 0
     fusion_add_unmatched_classical: bool = False
     fusion_refine_with_classical: bool = False
+    fusion_add_agreeing: bool = False
     tile_size: int = 512
     tile_overlap: int = 64
     amp: bool = True
@@ -165,6 +170,7 @@ class PredictorSettings:
             classical_min_score=self.fusion_classical_min_score, classical_min_area=self.fusion_classical_min_area,
             add_unmatched_classical=self.fusion_add_unmatched_classical,
             refine_with_classical=self.fusion_refine_with_classical,
+            add_agreeing_evidence=self.fusion_add_agreeing,
         )
 
 

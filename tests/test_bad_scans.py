@@ -322,14 +322,14 @@ def test_unreadable_scans_are_one_error_line_and_exit_2(tmp_path: Path, capsys):
 
 def test_failed_scan_leaves_no_outputs(tmp_path: Path, monkeypatch):
     """A failure after the peak table and viewer were written removes them: no half set of results."""
-    import dipid.io.results_nexus as results_nexus
+    import dipid.pipeline as pipeline
 
     path = write_scan(tmp_path / "fine.h5", make_frames(4))
 
     def fail(*args, **kwargs):
         raise DipidError("disk full, say")
 
-    monkeypatch.setattr(results_nexus, "write_results_nexus", fail)
+    monkeypatch.setattr(pipeline, "write_results_nexus", fail)  # the name process_scan calls
     out = tmp_path / "out"
     summary = process_scan(path, out, PredictOptions(model="classical"))
     assert summary.status == "failed" and summary.bad_input and "disk full" in summary.error

@@ -222,3 +222,32 @@ def test_fuse_instances_classical_confirms_adds_and_refines():
     assert sources[0] == 1 | 2 | SOURCE_CLASSICAL
     with pytest.raises(ValueError, match="classical"):
         fuse_instances(tm, ts, *no_ssl, classical_masks=cm[:, :5], classical_scores=cs)
+
+
+def test_fuse_instances_agreeing_evidence_makes_a_two_of_three_vote():
+    shape = (40, 40)
+    t0 = box_mask(slice(2, 8), slice(2, 8), shape)        # TLM alone: no other detector agrees
+    s0 = box_mask(slice(20, 26), slice(20, 26), shape)    # SSLM component ...
+    c0 = box_mask(slice(21, 25), slice(21, 25), shape)    # ... and a classical peak inside it: they agree
+    s1 = box_mask(slice(30, 34), slice(2, 6), shape)      # SSLM alone
+    c1 = box_mask(slice(2, 6), slice(30, 34), shape)      # classical alone
+    tm, ts = t0[None], np.array([0.95])
+    sm, ss = np.stack([s0, s1]), np.array([0.6, 0.99])
+    cm, cs = np.stack([c0, c1]), np.array([0.7, 0.99])
+    vote = dict(tlm_min_score=1.01, add_unmatched_ssl=False, add_unmatched_classical=False,
+                classical_masks=cm, classical_scores=cs)
+    # majority vote: only the SSLM + classical agreement survives, with the classical mask
+    masks, scores, sources = fuse_instances(tm, ts, sm, ss, add_agreeing_evidence=True, **vote)
+    np.testing.assert_array_equal(sources, [SOURCE_SSL | SOURCE_CLASSICAL])
+    np.testing.assert_array_equal(masks[0], c0)
+    np.testing.assert_allclose(scores, [1 - 0.4 * 0.3], rtol=1e-6)
+    # without the option, the same settings keep nothing
+    masks, _, _ = fuse_instances(tm, ts, sm, ss, **vote)
+    assert len(masks) == 0
+    # with lone evidence added too, the agreeing pair is one instance, not two (nor an SSLM duplicate)
+    masks, _, sources = fuse_instances(tm, ts, sm, ss, add_agreeing_evidence=True,
+                                       **{**vote, "add_unmatched_ssl": True, "ssl_min_score": 0.5})
+    assert sorted(sources.tolist()) == [SOURCE_SSL, SOURCE_SSL | SOURCE_CLASSICAL]
+    # evidence that confirmed a TLM instance is not reused for an agreement
+    masks, _, sources = fuse_instances(s0[None], np.array([0.9]), sm, ss, add_agreeing_evidence=True, **vote)
+    np.testing.assert_array_equal(sources, [SOURCE_TLM | SOURCE_SSL | SOURCE_CLASSICAL])
