@@ -9,6 +9,7 @@ network in test_train_sslm_run.py.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -342,4 +343,30 @@ def test_scratch_recipe_saves_the_ema_and_decays_the_lr(scratch_runs):
 def test_scratch_recipe_resumes_to_the_same_history(scratch_runs):
     _, straight, resumed = scratch_runs
     assert resumed.resumed_from_epoch == 1
+    _assert_same_history(resumed.history, straight.history)
+
+
+def test_fine_tuning_from_a_checkpoint_resumes_with_its_frozen_batchnorm(straight_run, data, tmp_path, caplog):
+    """A run started from base weights has frozen BatchNorm; its resume rebuilds that architecture
+    (not the trainable BatchNorm of a from-scratch build), restores the optimiser and reproduces
+    the uninterrupted run."""
+    base = straight_run[0] / "best.safetensors"
+    # BatchNorm left to its default, which the base weights decide (frozen), as `dipid train tlm` does.
+    default_norm = {k: v for k, v in SCRATCH["model_options"].items() if k != "batchnorm"}
+    options = {**SCRATCH, "base_weights": base, "freeze": "none", "model_options": default_norm}
+    straight = train_tlm(train=data["train"], val=data["val"], out=tmp_path / "straight", epochs=2, seed=7, **options)
+
+    def interrupt(event):
+        if event.kind == "step" and event.epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(TrainingError):
+        train_tlm(train=data["train"], val=data["val"], out=tmp_path / "resumed", epochs=2, seed=7, callback=interrupt,
+                  **options)
+    with caplog.at_level(logging.WARNING, logger="dipid"):
+        resumed = train_tlm(train=data["train"], val=data["val"], out=tmp_path / "resumed", epochs=2, seed=7,
+                            resume=True, **options)
+    assert "optimiser state not restored" not in caplog.text
+    config = json.loads((tmp_path / "resumed" / "config.json").read_text())
+    assert config["model"]["batchnorm"] == "frozen" and config["resumes"][0]["from_epoch"] == 1
     _assert_same_history(resumed.history, straight.history)

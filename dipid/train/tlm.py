@@ -387,8 +387,13 @@ class TLMTask:
     def _build_model(self, existing: Mapping[str, Any] | None, *, resumed: bool) -> TLM:
         opts = self.opts
         # A resumed run gets its weights from the state: the base weights are not fetched again.
+        # But they chose the architecture's BatchNorm (frozen when starting from weights, trained
+        # from scratch), so a resumed run takes it from the model config it wrote: rebuilt without
+        # base weights it would get trainable BatchNorm, another optimiser layout and other maths.
+        stored = dict((existing or {}).get("model") or {}) if resumed else {}
+        norm = {key: stored[key] for key in ("batchnorm", "batchnorm_eps") if key in stored}
         model = build_tlm(base_weights=None if resumed else opts.base_weights, freeze=opts.freeze,
-                          version=opts.version, **opts.model_options)
+                          version=opts.version, **{**norm, **opts.model_options})
         if resumed and existing is not None:
             model.config.base_weights = existing.get("base_weights_source")
         # A training-time setting of torchvision's RoIHeads, not part of the architecture.
