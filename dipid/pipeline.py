@@ -119,20 +119,22 @@ def process_scan(scan_path: str | Path, out_dir: str | Path, options: PredictOpt
         predictor = load_predictor(options)
         scan = open_scan(scan_path)
         with scan:
+            # Bounded memory: the result holds cropped instances only; the peak table and the
+            # viewer re-read the counts from the scan a batch (or a shown frame) at a time.
             # "joint" runs both networks, the others the one model named (see dipid.predict.select_models)
             result = predictor.predict_scan(scan, batch_size=options.batch_size, models=options.model)
-            counts = result.read_counts(scan)
-        peaks = scan_peaks(result, counts, model=options.model, min_frames=options.min_frames)
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        written.append(paths["peaks"])
-        peaks.to_csv(paths["peaks"])
-        if options.viewer:
-            from dipid.viz import view_scan_result  # plotly, only when a viewer is asked for
+            peaks = scan_peaks(result, scan=scan, model=options.model, min_frames=options.min_frames,
+                               batch_size=max(options.batch_size, 1))
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            written.append(paths["peaks"])
+            peaks.to_csv(paths["peaks"])
+            if options.viewer:
+                from dipid.viz import view_scan_result  # plotly, only when a viewer is asked for
 
-            written.append(paths["viewer"])
-            view_scan_result(result, counts, paths["viewer"], peak_table=peaks)
+                written.append(paths["viewer"])
+                view_scan_result(result, scan, paths["viewer"], peak_table=peaks)
         write_results_nexus(
-            paths["nexus"], result, peaks=peaks, peak_labels=peaks.labels, software_version=__version__,
+            paths["nexus"], result, peaks=peaks, software_version=__version__,
             model_names=result.metadata.get("models", []), weights_sha256={
                 k: v.get("sha256", "") for k, v in predictor.weights_info.items()},
             parameters={**predictor.parameters_dict(), **asdict(options)},

@@ -453,7 +453,8 @@ class JointPredictor:
         given stays open, it is the caller's. ``models``: see :meth:`predict_frames`.
         ``progress=None`` shows a bar for scans of more than 20 frames. NaN/inf pixels and frames
         that are all zero or have no good pixel give a :class:`dipid.errors.BadPixelWarning` (see
-        :meth:`dipid.io.Scan.check_frames`).
+        :meth:`dipid.io.Scan.check_frames`). Memory: per frame the result keeps its cropped
+        instances; frames with the same bad-pixel mask share one read-only array.
 
         Raises:
             NoValidPixelsError: no pixel of any predicted frame holds a measurement.
@@ -474,12 +475,22 @@ class JointPredictor:
         start = max(int(start_val), 0)
         show = (stop - start > 20) if progress is None else progress
         frames: dict[int, ImageResult] = {}
+        # Per frame only the cropped instances grow with the scan; the one full-frame array a
+        # result holds, its bad-pixel mask, is mostly the detector's and the same in every frame:
+        # frames whose mask equals the previous distinct one share it (a long Eiger 4M scan would
+        # otherwise hold 4.5 MB a frame).
+        shared: np.ndarray | None = None
         with (tqdm(total=max(stop - start, 0), disable=not show, desc=Path(str(scan.path)).name, unit="frame") as bar,
               closing(_prefetch(scan.iter_frames(start, stop, batch_size))) as batches):
             for batch in batches:
                 for result in self.predict_frames(batch.frames, bad_pixels=batch.bad_pixels,
                                                   frame_numbers=batch.indices.tolist(), models=run,
                                                   keep_probability=False):
+                    if result.bad_pixels is not None:
+                        if shared is None or not np.array_equal(result.bad_pixels, shared):
+                            shared = result.bad_pixels.copy()  # not a view that keeps the batch alive
+                            shared.flags.writeable = False  # shared between frames: no one frame's to change
+                        result.bad_pixels = shared
                     frames[result.frame] = result
                 bar.update(len(batch.frames))
         scan.check_frames(start, stop)  # warnings about NaN / empty frames; NoValidPixelsError if nothing was measurable

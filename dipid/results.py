@@ -10,12 +10,13 @@ tiling) imports the rules from here: the source flags (:data:`SOURCE_FLAGS`, :fu
 :func:`source_flags`), the model names (:data:`MODEL_KINDS`, :func:`check_model`), which models a
 result holds (:meth:`ImageResult.has`, :meth:`ScanResult.models_present`) and how a per-frame
 array of the whole scan relates to the held frames (:meth:`ScanResult.held`,
-:meth:`ScanResult.held_axis_values`).
+:meth:`ScanResult.held_axis_values`). :class:`FrameStack` is an (F, H, W) stack made a frame at
+a time (e.g. :meth:`ScanResult.label_frames`), what long scans use instead of whole volumes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,7 @@ __all__ = [
     "source_names",
     "source_flags",
     "check_model",
+    "FrameStack",
     "Instances",
     "SSLOutput",
     "ImageResult",
@@ -75,6 +77,74 @@ def check_model(model: str, kind: str = "model") -> None:
         raise UnknownNameError(kind, model, MODEL_KINDS)
 
 
+class FrameStack:
+    """A read-only (F, H, W) stack whose frames are made on demand, one at a time.
+
+    A long scan's per-frame images (instance label images, 3D peak labels) are computed from its
+    compact per-frame results when a frame is asked for, instead of being held as one array of
+    F x H x W (gigabytes for a long Eiger 4M scan). ``stack[k]`` is frame k (H, W); ``len``,
+    ``shape``, ``dtype``, ``ndim`` and iteration work as on an array; ``np.asarray(stack)`` builds
+    the whole array.
+
+    Args:
+        frame: slice index k (0..n_frames-1) -> (H, W) array of ``dtype``.
+        n_frames, frame_shape, dtype: the stack's shape and dtype.
+        max_value: the largest value of the stack, when known without building it (e.g. the
+            number of 3D peaks); None computes it on :meth:`max` by visiting every frame.
+    """
+
+    def __init__(self, frame: Callable[[int], np.ndarray], n_frames: int, frame_shape: tuple[int, int],
+                 dtype: Any, *, max_value: int | float | None = None):
+        self._frame = frame
+        self.shape = (int(n_frames), int(frame_shape[0]), int(frame_shape[1]))
+        self.dtype = np.dtype(dtype)
+        self.max_value = max_value
+
+    ndim = 3
+
+    @property
+    def size(self) -> int:
+        return self.shape[0] * self.shape[1] * self.shape[2]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: int | slice | Sequence[int] | np.ndarray) -> np.ndarray:
+        """``stack[k]`` -> (H, W); a slice or index list -> (k, H, W) (built, so keep it short)."""
+        if isinstance(index, (int, np.integer)):
+            k = int(index)
+            if not -len(self) <= k < len(self):
+                raise IndexError(f"frame {k} is outside the stack of {len(self)} frames")
+            out = np.asarray(self._frame(k + len(self) if k < 0 else k), dtype=self.dtype)
+            if out.shape != self.shape[1:]:
+                raise ScanShapeError(f"frame {k} of the stack has shape {out.shape}; expected {self.shape[1:]}")
+            return out
+        picks = np.arange(len(self))[index]
+        return np.stack([self[int(k)] for k in np.atleast_1d(picks)]) if np.size(picks) else \
+            np.zeros((0, *self.shape[1:]), self.dtype)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self[k] for k in range(len(self)))
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        out = np.zeros(self.shape, self.dtype)
+        for k in range(len(self)):
+            out[k] = self[k]
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def max(self, initial: int | float | None = None) -> Any:
+        """The largest value (``max_value`` when known, else a pass over the frames)."""
+        if self.max_value is None:
+            tops = [frame.max(initial=initial) if initial is not None else frame.max() for frame in self]
+            self.max_value = max(tops) if tops else initial
+        if initial is not None and self.max_value is not None:
+            return max(self.max_value, initial)
+        return self.max_value
+
+    def __repr__(self) -> str:
+        return f"FrameStack(shape={self.shape}, dtype={self.dtype})"
+
+
 @dataclass
 class Instances:
     """Peak instances in one frame of shape ``(height, width)``.
@@ -113,18 +183,43 @@ class Instances:
         n, h, w = masks.shape
         scores = np.asarray(scores, np.float32).reshape(-1)
         sources = np.broadcast_to(np.asarray(sources, np.uint8), (n,))
+        return cls._from_windows(((masks[i], 0, 0) for i in range(n)), scores, sources, (h, w))
+
+    @classmethod
+    def from_labels(cls, labels: np.ndarray, scores: np.ndarray, sources: np.ndarray | int, *,
+                    boxes: np.ndarray | None = None) -> "Instances":
+        """From an (H, W) integer label image: instance i is the pixels labelled i + 1 (i < len(scores));
+        empty ones are dropped. ``boxes`` (N, 4) x0, y0, x1, y1 (exclusive; rounded down), when
+        known, bound where each is looked for, so no full-frame mask is made per instance (an
+        Eiger 4M frame with hundreds of peaks would take gigabytes as (N, H, W) masks)."""
+        labels = np.asarray(labels)
+        h, w = labels.shape
+        scores = np.asarray(scores, np.float32).reshape(-1)
+        n = scores.size
+        sources = np.broadcast_to(np.asarray(sources, np.uint8), (n,))
+        if boxes is None:
+            windows = ((labels == i + 1, 0, 0) for i in range(n))
+        else:
+            corners = np.asarray(boxes).astype(np.intp).reshape(-1, 4)
+            windows = ((labels[y0:y1, x0:x1] == i + 1, y0, x0) for i, (x0, y0, x1, y1) in enumerate(corners))
+        return cls._from_windows(windows, scores, sources, (h, w))
+
+    @classmethod
+    def _from_windows(cls, windows: Iterator[tuple[np.ndarray, int, int]], scores: np.ndarray, sources: np.ndarray,
+                      shape: tuple[int, int]) -> "Instances":
+        """Instances from (mask window, row0, col0) per instance: each cropped to its pixels' box."""
         boxes, crops, keep = [], [], []
-        for i in range(n):
-            rows = np.flatnonzero(masks[i].any(axis=1))
+        for i, (window, top, left) in enumerate(windows):
+            rows = np.flatnonzero(window.any(axis=1))
             if rows.size == 0:
                 continue
-            cols = np.flatnonzero(masks[i, rows[0]:rows[-1] + 1].any(axis=0))
-            y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-            boxes.append((x0, y0, x1, y1))
-            crops.append(masks[i, y0:y1, x0:x1].copy())
+            cols = np.flatnonzero(window[rows[0]:rows[-1] + 1].any(axis=0))
+            r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+            boxes.append((c0 + left, r0 + top, c1 + left, r1 + top))
+            crops.append(window[r0:r1, c0:c1].copy())
             keep.append(i)
         keep_idx = np.asarray(keep, dtype=np.int64)
-        return cls(np.asarray(boxes, np.int32).reshape(-1, 4), crops, scores[keep_idx], sources[keep_idx], (h, w))
+        return cls(np.asarray(boxes, np.int32).reshape(-1, 4), crops, scores[keep_idx], sources[keep_idx], shape)
 
     # -- container protocol -------------------------------------------------------------------
     def __len__(self) -> int:
@@ -353,6 +448,12 @@ class ScanResult:
 
         return stack_masks(self.instances(model), self.frame_shape)
 
+    def label_frames(self, model: str = "joint") -> FrameStack:
+        """:meth:`label_volume` one frame at a time: a :class:`FrameStack` whose frame k is the label
+        image of held frame k, made when asked for (what long scans use instead of the volume)."""
+        per_frame = self.instances(model)
+        return FrameStack(lambda k: per_frame[k].label_image(), len(per_frame), self.frame_shape, np.int32)
+
     def label_volume(self, model: str = "joint") -> np.ndarray:
         """(F, H, W) int32 stack of per-frame instance label images (ids restart in each frame;
         :func:`dipid.volume.stack_labels`)."""
@@ -377,7 +478,7 @@ class ScanResult:
         from dipid.io.results_nexus import write_results_nexus
 
         peaks = peaks if peaks is not None else self.peaks(model=model)
-        return write_results_nexus(path, self, peaks=peaks, peak_labels=peaks.labels)
+        return write_results_nexus(path, self, peaks=peaks)
 
     def read_counts(self, scan: "Scan | None" = None) -> np.ndarray:
         """(F, H, W) float32 filled counts of the held frames, from ``scan`` (an open
@@ -393,8 +494,13 @@ class ScanResult:
         # Delegation: results is the leaf; the implementation sits above it and imports it
         from dipid.viz import view_scan_result
 
-        counts = self.read_counts() if counts is None and self.scan_path is not None else counts
-        return view_scan_result(self, counts, path, peak_table=self.peaks(counts, model=model))
+        peaks = self.peaks(counts, model=model)
+        if counts is None and self.scan_path is not None:  # the shown frames only, read as they are drawn
+            from dipid.io import open_scan  # delegation, as above
+
+            with open_scan(self.scan_path) as scan:
+                return view_scan_result(self, scan, path, peak_table=peaks)
+        return view_scan_result(self, counts, path, peak_table=peaks)
 
     def counts(self, model: str = "joint") -> dict[str, list]:
         """Columns: frame, axis value (None when the axis does not cover the frames), number of

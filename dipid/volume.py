@@ -29,7 +29,7 @@ from scipy.sparse.csgraph import connected_components
 
 from dipid.errors import ScanError, ScanShapeError
 from dipid.files import atomic_write_text
-from dipid.results import SOURCE_FLAGS, Instances, ScanResult, source_names
+from dipid.results import SOURCE_FLAGS, FrameStack, Instances, ScanResult, source_names
 
 if TYPE_CHECKING:
     from dipid.io.scan import Scan
@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "stack_masks",
     "stack_labels",
+    "PeakLinker",
+    "link_instances",
     "link_peaks_3d",
     "peaks_table",
     "Peaks3D",
@@ -106,14 +108,6 @@ def _source_image(inst: Instances) -> np.ndarray:
 # linking
 
 
-def _plane_structure(connectivity: int) -> np.ndarray:
-    """3D structure linking pixels within a frame only: 4-neighbours (connectivity 1) or 8 (2, 3)."""
-    plane = ndimage.generate_binary_structure(2, min(connectivity, 2))
-    structure = np.zeros((3, 3, 3), dtype=bool)
-    structure[1] = plane
-    return structure
-
-
 def _cross_frame_offsets(connectivity: int) -> list[tuple[int, int]]:
     """(drow, dcol) offsets a voxel reaches in the next frame under 3D ``connectivity``.
 
@@ -123,67 +117,199 @@ def _cross_frame_offsets(connectivity: int) -> list[tuple[int, int]]:
     return [(dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1) if 1 + abs(dr) + abs(dc) <= connectivity]
 
 
-def _instance_ids(volume: np.ndarray, connectivity: int) -> np.ndarray:
-    """(F, H, W) int32 ids unique over the whole volume, one per per-frame instance; 0 = none.
-
-    A bool volume's instances are its in-frame connected components; an integer volume holds
-    per-frame instance labels (ids may repeat between frames).
-    """
-    if volume.dtype == bool:
-        ids, _ = ndimage.label(volume, structure=_plane_structure(connectivity))
-        return ids.astype(np.int32, copy=False)
-    labels = np.asarray(volume)
-    if labels.min(initial=0) < 0:
-        raise ValueError("instance label volume has negative labels; 0 is background, 1.. are instances")
-    per_frame_max = labels.max(axis=(1, 2), initial=0).astype(np.int64)
-    offsets = np.concatenate([[0], np.cumsum(per_frame_max)[:-1]])
-    if per_frame_max.sum() >= np.iinfo(np.int32).max:
-        raise ValueError("too many instances to number with int32")
-    return np.where(labels > 0, labels + offsets[:, None, None], 0).astype(np.int32)
-
-
-def _shifted_pair(volume: np.ndarray, step: int, drow: int, dcol: int) -> tuple[np.ndarray, np.ndarray]:
-    """Views (a, b) with a[k, r, c] = volume[k, r, c] and b[k, r, c] = volume[k + step, r + drow, c + dcol]."""
-    _, height, width = volume.shape
-    r0, r1 = max(0, -drow), height - max(0, drow)
-    c0, c1 = max(0, -dcol), width - max(0, dcol)
-    a = volume[:-step, r0:r1, c0:c1]
-    b = volume[step:, r0 + drow:r1 + drow, c0 + dcol:c1 + dcol]
-    return a, b
-
-
 def _touching_pairs(
-    ids: np.ndarray, frames: np.ndarray, step: int, max_gap: int, connectivity: int
+    earlier: np.ndarray, later: np.ndarray, offsets: Sequence[tuple[int, int]]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Instance pairs (a in slice k, b in slice k + step) that touch, and how many of a's pixels touch b.
+    """Instance pairs (a in ``earlier``, b in ``later``) that touch, and how many of a's pixels touch b.
 
-    Slices one frame apart touch through the connectivity's cross-frame neighbours; slices
-    2..max_gap + 1 frames apart (a bridged gap) only through the same pixel.
+    Args:
+        earlier, later: (H, W) int instance ids of two slices (0 = none).
+        offsets: the (drow, dcol) by which a pixel of ``earlier`` reaches ``later``.
     Returns:
         (2, P) int64 instance id pairs and (P,) int64 touching-pixel counts.
     """
-    n_frames, height, width = ids.shape
-    distance = frames[step:] - frames[:-step]
-    adjacent = distance == 1
-    bridged = (distance > 1) & (distance <= max_gap + 1)
+    height, width = earlier.shape
     rows = []
-    for drow, dcol in _cross_frame_offsets(connectivity):
-        allowed = adjacent | bridged if (drow, dcol) == (0, 0) else adjacent
-        if not allowed.any():
-            continue
-        a, b = _shifted_pair(ids, step, drow, dcol)
-        both = (a > 0) & (b > 0) & allowed[:, None, None]
-        k, r, c = np.nonzero(both)
-        pixel = (k.astype(np.int64) * height + r + max(0, -drow)) * width + c + max(0, -dcol)
+    for drow, dcol in offsets:
+        r0, r1 = max(0, -drow), height - max(0, drow)
+        c0, c1 = max(0, -dcol), width - max(0, dcol)
+        a = earlier[r0:r1, c0:c1]
+        b = later[r0 + drow:r1 + drow, c0 + dcol:c1 + dcol]
+        both = (a > 0) & (b > 0)
+        r, c = np.nonzero(both)
+        pixel = (r.astype(np.int64) + r0) * width + c + c0
         rows.append(np.stack([pixel, a[both].astype(np.int64), b[both].astype(np.int64)]))
     if not rows:
         return np.zeros((2, 0), np.int64), np.zeros(0, np.int64)
     triples = np.concatenate(rows, axis=1)
     if len(rows) > 1:  # a pixel of a touching b through several diagonal neighbours counts once
         triples = np.unique(triples, axis=1)
-    base = int(ids.max()) + 1
+    base = int(max(earlier.max(initial=0), later.max(initial=0))) + 1
     keys, touching = np.unique(triples[1] * base + triples[2], return_counts=True)
     return np.stack([keys // base, keys % base]), touching
+
+
+def _check_link_options(max_gap: int, connectivity: int, min_overlap: float, min_frames: int = 1) -> None:
+    if max_gap < 0:
+        raise ValueError(f"max_gap must be >= 0, got {max_gap}")
+    if connectivity not in (1, 2, 3):
+        raise ValueError(f"connectivity must be 1, 2 or 3, got {connectivity}")
+    if min_frames < 1:
+        raise ValueError(f"min_frames must be >= 1, got {min_frames}")
+    if not 0.0 <= min_overlap <= 1.0:
+        raise ValueError(f"min_overlap must be in [0, 1], got {min_overlap}")
+
+
+class PeakLinker:
+    """:func:`link_peaks_3d` one slice at a time, in bounded memory.
+
+    Feed the slices in scan order with :meth:`add`; :meth:`finish` joins the instances into 3D
+    peaks; :meth:`peak_frame` then gives a slice's (H, W) peak labels from its instance labels.
+    Only the last ``max_gap + 1`` slices' id images are held, plus per instance its area and the
+    links found (a union of instance ids, numbered into peaks at the end), so memory depends on the
+    detector and the number of instances, not on the number of frames. The result is exactly that
+    of :func:`link_peaks_3d` (which uses this class).
+
+    Each slice's instances get ids unique over the scan: the slice's labels (bool masks: their
+    in-frame connected components) plus the ids of all earlier slices.
+    """
+
+    def __init__(self, *, max_gap: int = 1, connectivity: int = 1, min_overlap: float = 0.5):
+        _check_link_options(max_gap, connectivity, min_overlap)
+        self.max_gap, self.connectivity, self.min_overlap = max_gap, connectivity, min_overlap
+        self._plane = ndimage.generate_binary_structure(2, min(connectivity, 2))
+        self._cross = _cross_frame_offsets(connectivity)
+        #: the last max_gap + 1 slices: (frame number, ids (H, W) int32 or None when empty, offset, areas)
+        self._window: list[tuple[int, np.ndarray | None, int, np.ndarray]] = []
+        self._frames: list[int] = []
+        self._offsets: list[int] = []
+        self._areas: list[np.ndarray] = []
+        self._links: list[np.ndarray] = []
+        #: instance ids handed out so far; 3D peaks found (after finish)
+        self.n_ids = self.n_peaks = 0
+        self._id_to_peak: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def _local(self, labels: np.ndarray) -> np.ndarray:
+        """(H, W) int per-slice instance labels: a bool mask's in-frame connected components, or
+        integer labels as they are."""
+        labels = np.asarray(labels)
+        if labels.ndim != 2:
+            raise ValueError(f"a slice must be (H, W), got shape {labels.shape}")
+        if labels.dtype == bool:
+            return ndimage.label(labels, structure=self._plane)[0]
+        if labels.min(initial=0) < 0:
+            raise ValueError("instance label volume has negative labels; 0 is background, 1.. are instances")
+        return labels
+
+    def _ids(self, local: np.ndarray, offset: int) -> np.ndarray:
+        return np.where(local > 0, local.astype(np.int64) + offset, 0).astype(np.int32)
+
+    def add(self, labels: np.ndarray, frame_number: int | None = None) -> None:
+        """Add the next slice: (H, W) bool peak mask or integer instance labels (0 = none).
+
+        ``frame_number``: its frame in the scan (default: the slice index); strictly ascending.
+        """
+        if self._id_to_peak is not None:
+            raise RuntimeError("PeakLinker.add after finish(): make a new linker for another scan")
+        local = self._local(labels)
+        frame = len(self._frames) if frame_number is None else int(frame_number)
+        if self._frames and frame <= self._frames[-1]:
+            raise ValueError(f"frame numbers must be strictly ascending: {frame} after {self._frames[-1]}")
+        n_local = int(local.max(initial=0))
+        if self.n_ids + n_local >= np.iinfo(np.int32).max:
+            raise ValueError("too many instances to number with int32")
+        self._frames.append(frame)
+        self._offsets.append(self.n_ids)
+        area = np.bincount(local.ravel(), minlength=n_local + 1)[1:].astype(np.int64)
+        self._areas.append(area)
+        current = self._ids(local, self.n_ids) if n_local else None
+        if current is not None:
+            for prev_frame, prev, prev_offset, prev_area in self._window:
+                distance = frame - prev_frame
+                if prev is None or distance > self.max_gap + 1:
+                    continue
+                # one frame apart: the connectivity's cross-frame neighbours; a bridged gap: the same pixel
+                offsets = self._cross if distance == 1 else [(0, 0)]
+                pairs, touching = _touching_pairs(prev, current, offsets)
+                smaller = np.minimum(prev_area[pairs[0] - prev_offset - 1], area[pairs[1] - self.n_ids - 1])
+                keep = touching >= self.min_overlap * smaller
+                self._links.append(pairs[:, keep])
+        self._window.append((frame, current, self.n_ids, area))
+        del self._window[:-(self.max_gap + 1)]
+        self.n_ids += n_local
+
+    def finish(self, *, min_frames: int = 1) -> np.ndarray:
+        """Join the instances into 3D peaks; returns (n_ids + 1,) int32: instance id -> peak
+        (0 = none), peaks numbered 1..n by first appearance. Peaks in fewer than ``min_frames``
+        slices are dropped."""
+        if min_frames < 1:
+            raise ValueError(f"min_frames must be >= 1, got {min_frames}")
+        self._window = []
+        n_ids = self.n_ids
+        id_to_peak = np.zeros(n_ids + 1, dtype=np.int32)
+        if n_ids:
+            area = np.concatenate([np.zeros(1, np.int64), *self._areas])
+            links = np.concatenate(self._links, axis=1) if self._links else np.zeros((2, 0), np.int64)
+            graph = coo_matrix((np.ones(links.shape[1], np.int8), (links[0], links[1])), shape=(n_ids + 1, n_ids + 1))
+            _, component = connected_components(graph, directed=False)
+            # Number peaks by first appearance: ids already run slice by slice in raster order.
+            present = np.flatnonzero(area[1:]) + 1
+            if min_frames > 1:
+                ends = np.asarray(self._offsets, np.int64) + np.asarray([a.size for a in self._areas], np.int64)
+                slice_of = np.searchsorted(ends, present)
+                peak_slices = np.unique(np.stack([component[present], slice_of]), axis=1)
+                n_slices = np.bincount(peak_slices[0], minlength=component.max() + 1)
+                present = present[n_slices[component[present]] >= min_frames]
+            comps_in_order, first = np.unique(component[present], return_index=True)
+            rank = np.zeros(component.max() + 1, dtype=np.int32)
+            rank[comps_in_order[np.argsort(first)]] = np.arange(1, len(comps_in_order) + 1, dtype=np.int32)
+            id_to_peak[present] = rank[component[present]]
+        self._id_to_peak = id_to_peak
+        self.n_peaks = int(id_to_peak.max(initial=0))
+        return id_to_peak
+
+    @property
+    def frame_numbers(self) -> np.ndarray:
+        """(F,) int64 frame number of each slice added."""
+        return np.asarray(self._frames, dtype=np.int64)
+
+    def peak_frame(self, k: int, labels: np.ndarray) -> np.ndarray:
+        """(H, W) int32 3D peak labels of slice k (after :meth:`finish`), from the same labels
+        that were added for it."""
+        if self._id_to_peak is None:
+            raise RuntimeError("PeakLinker.peak_frame before finish()")
+        return self._id_to_peak[self._ids(self._local(labels), self._offsets[k])]
+
+    def peak_labels(self, label_of: Callable[[int], np.ndarray], frame_shape: tuple[int, int]) -> FrameStack:
+        """The (F, H, W) 3D peak labels as a :class:`FrameStack` (after :meth:`finish`): slice k
+        made from ``label_of(k)``, the labels added for it."""
+        if self._id_to_peak is None:
+            raise RuntimeError("PeakLinker.peak_labels before finish()")
+        return FrameStack(lambda k: self.peak_frame(k, label_of(k)), len(self), frame_shape, np.int32,
+                          max_value=self.n_peaks)
+
+
+def link_instances(
+    per_frame: Sequence[Instances],
+    frame_numbers: Sequence[int] | np.ndarray,
+    frame_shape: tuple[int, int],
+    *,
+    max_gap: int = 1,
+    connectivity: int = 1,
+    min_overlap: float = 0.5,
+    min_frames: int = 1,
+) -> FrameStack:
+    """:func:`link_peaks_3d` of per-frame :class:`Instances`, in bounded memory: the (F, H, W) int32
+    peak labels as a :class:`dipid.results.FrameStack`, each frame made from its instances' label
+    image when asked for. Options as in :func:`link_peaks_3d`."""
+    linker = PeakLinker(max_gap=max_gap, connectivity=connectivity, min_overlap=min_overlap)
+    for inst, frame in zip(per_frame, frame_numbers):
+        linker.add(inst.label_image(), int(frame))
+    linker.finish(min_frames=min_frames)
+    return linker.peak_labels(lambda k: per_frame[k].label_image(), frame_shape)
 
 
 def link_peaks_3d(
@@ -212,6 +338,9 @@ def link_peaks_3d(
     appears entirely inside a larger one's previous footprint still merges with it. See
     benchmarks/peaks3d.py for its effect on simulated scans.
 
+    The slices are linked one at a time (:class:`PeakLinker`); a long scan is better linked with
+    that class directly, which needs no (F, H, W) volume in or out.
+
     Args:
         instances: (F, H, W) bool peak masks (instances = in-frame connected components), or
             (F, H, W) integer per-frame instance labels (0 = background, ids may repeat between
@@ -229,59 +358,32 @@ def link_peaks_3d(
     Returns:
         (F, H, W) int32 peak labels: 0 = background, 1..n numbered by first appearance.
     """
-    if max_gap < 0:
-        raise ValueError(f"max_gap must be >= 0, got {max_gap}")
-    if connectivity not in (1, 2, 3):
-        raise ValueError(f"connectivity must be 1, 2 or 3, got {connectivity}")
-    if min_frames < 1:
-        raise ValueError(f"min_frames must be >= 1, got {min_frames}")
-    if not 0.0 <= min_overlap <= 1.0:
-        raise ValueError(f"min_overlap must be in [0, 1], got {min_overlap}")
+    _check_link_options(max_gap, connectivity, min_overlap, min_frames)
     if isinstance(instances, np.ndarray):
         volume = instances
+        if volume.ndim != 3:
+            raise ValueError(f"instances must be an (F, H, W) volume, got shape {volume.shape}")
+
+        def slice_labels(k: int) -> np.ndarray:
+            return volume[k]
+        n_frames, frame_shape = len(volume), volume.shape[1:]
     else:
         per_frame = list(instances)
         if not per_frame:
             raise ValueError("no frames to link: pass an (F, H, W) volume to link an empty stack")
-        volume = stack_labels(per_frame, per_frame[0].shape)
-    if volume.ndim != 3:
-        raise ValueError(f"instances must be an (F, H, W) volume, got shape {volume.shape}")
-    n_frames = len(volume)
+
+        def slice_labels(k: int) -> np.ndarray:
+            return per_frame[k].label_image()
+        n_frames, frame_shape = len(per_frame), per_frame[0].shape
     frames = np.arange(n_frames) if frame_numbers is None else np.asarray(frame_numbers, dtype=np.int64)
     if frames.shape != (n_frames,) or np.any(np.diff(frames) <= 0):
         raise ValueError(f"frame_numbers must be {n_frames} strictly ascending numbers")
 
-    ids = _instance_ids(volume, connectivity)
-    n_ids = int(ids.max(initial=0))
-    if n_ids == 0:
-        return np.zeros(volume.shape, dtype=np.int32)
-    area = np.bincount(ids.ravel(), minlength=n_ids + 1)
-
-    sources, targets = [], []
-    for step in range(1, min(max_gap + 1, n_frames - 1) + 1):
-        pairs, touching = _touching_pairs(ids, frames, step, max_gap, connectivity)
-        smaller = np.minimum(area[pairs[0]], area[pairs[1]])
-        keep = touching >= min_overlap * smaller
-        sources.append(pairs[0][keep])
-        targets.append(pairs[1][keep])
-    src = np.concatenate(sources) if sources else np.zeros(0, np.int64)
-    dst = np.concatenate(targets) if targets else np.zeros(0, np.int64)
-    graph = coo_matrix((np.ones(len(src), np.int8), (src, dst)), shape=(n_ids + 1, n_ids + 1))
-    _, component = connected_components(graph, directed=False)
-
-    # Number peaks by first appearance: ids already run frame by frame in raster order.
-    present = np.flatnonzero(area[1:]) + 1
-    if min_frames > 1:
-        frame_of = np.searchsorted(np.maximum.accumulate(ids.max(axis=(1, 2))), present)
-        peak_frames = np.unique(np.stack([component[present], frame_of]), axis=1)
-        n_frames_of = np.bincount(peak_frames[0], minlength=component.max() + 1)
-        present = present[n_frames_of[component[present]] >= min_frames]
-    comps_in_order, first = np.unique(component[present], return_index=True)
-    rank = np.zeros(component.max() + 1, dtype=np.int32)
-    rank[comps_in_order[np.argsort(first)]] = np.arange(1, len(comps_in_order) + 1, dtype=np.int32)
-    id_to_peak = np.zeros(n_ids + 1, dtype=np.int32)
-    id_to_peak[present] = rank[component[present]]
-    return id_to_peak[ids]
+    linker = PeakLinker(max_gap=max_gap, connectivity=connectivity, min_overlap=min_overlap)
+    for k in range(n_frames):
+        linker.add(slice_labels(k), int(frames[k]))
+    linker.finish(min_frames=min_frames)
+    return np.asarray(linker.peak_labels(slice_labels, frame_shape))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,7 +451,7 @@ def _ring_background(
 
 
 def peaks_table(
-    peak_labels: np.ndarray,
+    peak_labels: np.ndarray | FrameStack,
     counts: CountsSource,
     *,
     frame_numbers: Sequence[int] | np.ndarray | None = None,
@@ -362,8 +464,9 @@ def peaks_table(
 ) -> dict[str, Any]:
     """Measure each 3D peak of a peak-label volume: one row per peak.
 
-    Frames are visited one at a time, so ``counts`` (and ``scores``, ``sources``,
-    ``bad_pixels``) may be callables or iterators and a long scan never needs to be in memory.
+    Frames are visited one at a time, so ``peak_labels`` may be a FrameStack and ``counts`` (and
+    ``scores``, ``sources``, ``bad_pixels``) callables or iterators: a long scan never needs to be
+    in memory.
 
     Background: in every frame, the median of the pixels within ``background_annulus`` pixels of
     the peak's footprint that belong to no peak and are not bad (the frame's median peak-free
@@ -373,7 +476,8 @@ def peaks_table(
     when all of a peak is at or below background).
 
     Args:
-        peak_labels: (F, H, W) int peak labels (0 = background), e.g. from :func:`link_peaks_3d`.
+        peak_labels: (F, H, W) int peak labels (0 = background), e.g. from :func:`link_peaks_3d`, or
+            a :class:`dipid.results.FrameStack` of them (``Peaks3D.label_frames``).
         counts: detector counts of the same F frames (see :data:`CountsSource`), any real dtype.
         frame_numbers: (F,) frame number of each slice in its scan (default 0..F-1).
         axis_values: (n_scan,) scan-axis value of every frame of the scan; adds a column named
@@ -394,7 +498,8 @@ def peaks_table(
         frame0, row0, col0, frame1, row1, col1 (bounding box; frame numbers, *1 exclusive),
         score, models.
     """
-    labels = np.asarray(peak_labels)
+    # a FrameStack (e.g. Peaks3D.label_frames) gives one frame at a time and knows its largest id
+    labels = peak_labels if isinstance(peak_labels, FrameStack) else np.asarray(peak_labels)
     if labels.ndim != 3 or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"peak_labels must be an (F, H, W) integer volume, got {labels.dtype} {labels.shape}")
     if background_annulus < 1:
@@ -585,19 +690,27 @@ class Peaks3D:
 
     Attributes:
         table: the columns of :func:`peaks_table`, one row per peak.
-        labels: (F, H, W) int32 peak labels of the held frames (0 = none, table ``id`` = label).
-        frame_numbers: (F,) int64 frame number of each slice of ``labels``.
+        label_frames: the (F, H, W) int32 peak labels of the held frames (0 = none, table ``id`` =
+            label) as a :class:`dipid.results.FrameStack`, each frame made when asked for (or an
+            array); :attr:`labels` is the whole volume.
+        frame_numbers: (F,) int64 frame number of each slice of the labels.
         axis_name: the scan axis, also the name of the table's axis-centroid column.
         model: the per-frame instance set the peaks were linked from ("joint", "tlm", ...).
         parameters: the linking and measuring settings used.
     """
 
     table: dict[str, Any]
-    labels: np.ndarray
+    label_frames: FrameStack | np.ndarray
     frame_numbers: np.ndarray
     axis_name: str = "frame"
     model: str = "joint"
     parameters: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """(F, H, W) int32 peak labels, built whole (F x H x W x 4 bytes: for a long scan, read
+        ``label_frames[k]`` a frame at a time instead)."""
+        return np.asarray(self.label_frames, dtype=np.int32)
 
     def __len__(self) -> int:
         return len(self.table["id"])
@@ -663,6 +776,7 @@ def scan_peaks(
     result: ScanResult,
     counts: np.ndarray | None = None,
     *,
+    scan: "Scan | None" = None,
     model: str = "joint",
     max_gap: int = 1,
     connectivity: int = 1,
@@ -673,27 +787,31 @@ def scan_peaks(
 ) -> Peaks3D:
     """Link a scan result's per-frame instances into 3D peaks and measure them.
 
+    Memory: the instances are linked a frame at a time (:func:`link_instances`) and the counts are
+    read a batch at a time, so a long scan needs no (F, H, W) array; the peak labels come back as a
+    :class:`dipid.results.FrameStack` made from the instances (``Peaks3D.label_frames``).
+
     Args:
         result: the predictions (frames need not be consecutive).
         counts: (F, H, W) counts of the held frames in ``result.frame_numbers`` order, or of the
-            whole scan (n_scan, H, W); None re-reads them from ``result.scan_path``, a batch at a
-            time. Negative counts and each frame's ``bad_pixels`` are ignored.
+            whole scan (n_scan, H, W); None re-reads them from ``scan`` or else
+            ``result.scan_path``, a batch at a time. Negative counts and each frame's
+            ``bad_pixels`` are ignored.
+        scan: an open :class:`dipid.io.Scan` (the one predicted) to re-read counts from; left open.
         model: which instance set to link: "joint", "tlm", "ssl" or "classical".
         max_gap, connectivity, min_overlap, min_frames: see :func:`link_peaks_3d`.
         background_annulus: see :func:`peaks_table`.
         batch_size: frames read per batch when re-reading the scan.
     Returns:
-        :class:`Peaks3D` with the table and the (F, H, W) int32 peak labels.
+        :class:`Peaks3D` with the table and the peak labels.
     Raises:
-        ScanError: counts is None and the result has no scan file; ScanShapeError: counts do not
-            match the result's frames.
+        ScanError: counts and scan are None and the result has no scan file; ScanShapeError:
+            counts do not match the result's frames.
     """
     frame_numbers = result.frame_numbers
     per_frame = result.instances(model)
-    labels = link_peaks_3d(
-        stack_labels(per_frame, result.frame_shape), max_gap=max_gap, connectivity=connectivity,
-        min_overlap=min_overlap, min_frames=min_frames, frame_numbers=frame_numbers,
-    )
+    labels = link_instances(per_frame, frame_numbers, result.frame_shape, max_gap=max_gap, connectivity=connectivity,
+                            min_overlap=min_overlap, min_frames=min_frames)
     if counts is not None:
         array = np.asarray(counts)
         if array.ndim == 3:
@@ -714,11 +832,12 @@ def scan_peaks(
 
     with contextlib.ExitStack() as opened:
         source: CountsSource
-        if counts is None:  # re-read a batch at a time; the scan is closed when the table is done
-            scan = opened.enter_context(_open_source_scan(result, "scan_peaks / ScanResult.peaks"))
-            source = _scan_frames(scan, frame_numbers, batch_size)
-        else:
+        if counts is not None:
             source = array
+        else:  # re-read a batch at a time; a scan opened here is closed when the table is done
+            if scan is None:
+                scan = opened.enter_context(_open_source_scan(result, "scan_peaks / ScanResult.peaks"))
+            source = _scan_frames(scan, frame_numbers, batch_size)
         table = peaks_table(
             labels, source,
             frame_numbers=frame_numbers, axis_values=result.axis_values if len(result.axis_values) else None,
@@ -728,7 +847,7 @@ def scan_peaks(
         )
     logger.info("linked %d frames of %s instances into %d 3D peaks", len(frame_numbers), model, len(table["id"]))
     return Peaks3D(
-        table=table, labels=labels, frame_numbers=frame_numbers, axis_name=result.axis_name, model=model,
+        table=table, label_frames=labels, frame_numbers=frame_numbers, axis_name=result.axis_name, model=model,
         parameters={"max_gap": max_gap, "connectivity": connectivity, "min_overlap": min_overlap,
                     "min_frames": min_frames, "background_annulus": background_annulus},
     )

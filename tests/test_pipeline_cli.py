@@ -136,3 +136,21 @@ def test_evaluate_groups_score_subsets_of_the_same_predictions(scans):
     untimed = lambda summary: {k: v for k, v in summary["classical"].items() if k != "frames_per_s"}  # noqa: E731
     assert untimed(grouped.summary) == untimed(plain.summary)
     assert plain.per_group == {}
+
+
+def test_predict_never_reads_the_whole_scan_into_memory(scans, tmp_path, monkeypatch):
+    """Bounded memory: the peak table and the viewer re-read the scan a batch or a frame at a time."""
+    from dipid.io import Scan
+    from dipid.results import ScanResult
+    from dipid.volume import Peaks3D
+
+    def whole_scan(*args, **kwargs):
+        raise AssertionError("the pipeline read every frame of the scan into one array")
+
+    monkeypatch.setattr(ScanResult, "read_counts", whole_scan)
+    monkeypatch.setattr(ScanResult, "label_volume", whole_scan)
+    monkeypatch.setattr(Peaks3D, "labels", property(whole_scan))
+    monkeypatch.setattr(Scan, "read_frames", whole_scan)
+    summary = process_scan(scans[0], tmp_path, PredictOptions(model="classical"))
+    assert summary.status == "done", summary.error
+    assert all(Path(p).is_file() for p in summary.outputs.values())

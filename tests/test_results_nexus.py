@@ -332,3 +332,24 @@ def test_results_files_written_before_exact_masks_still_load(tmp_path):
             np.testing.assert_array_equal(got.masks, want.masks & kept)
             assert got.areas[1] < want.areas[1]
         np.testing.assert_array_equal(back[f].ssl.mask, result[f].ssl.instances.union_mask())
+
+
+def test_lazy_and_whole_peak_labels_write_the_same_volumes(tmp_path):
+    """Volumes are written a frame at a time from the instances; the file is that of the whole arrays."""
+    import dataclasses
+
+    from dipid.results import FrameStack
+
+    result, counts = _result()
+    peaks = scan_peaks(result, counts)
+    assert isinstance(peaks.label_frames, FrameStack)
+    lazy = write_results_nexus(tmp_path / "lazy.nxs", result, peaks=peaks)
+    dense = dataclasses.replace(peaks, label_frames=peaks.labels)  # the same peaks, as one array
+    assert isinstance(dense.label_frames, np.ndarray)
+    whole = write_results_nexus(tmp_path / "whole.nxs", result, peaks=dense)
+    with h5py.File(lazy) as a, h5py.File(whole) as b:
+        for name in ("results/peak_labels", "joint_masks/instance_labels", "ssl_masks/segmentation",
+                     "instances/peak", "instances/frame"):
+            np.testing.assert_array_equal(a[f"entry/{name}"][()], b[f"entry/{name}"][()], err_msg=name)
+            assert a[f"entry/{name}"].chunks == b[f"entry/{name}"].chunks
+        np.testing.assert_array_equal(a["entry/joint_masks/instance_labels"][()], result.label_volume("joint"))

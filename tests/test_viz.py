@@ -601,3 +601,65 @@ def test_package_names_resolve_and_geometry_needs_no_plotly():
     assert out.strip() == "False"
     with pytest.raises(AttributeError, match="no_such_name"):
         viz.no_such_name  # noqa: B018
+
+
+# ------------------------------------------------------------------------------------------------
+# long scans: bounded pages, frames read one at a time
+# ------------------------------------------------------------------------------------------------
+def _long_scan(n_frames: int, shape=(48, 64)):
+    """A ScanResult of n_frames with one drifting peak, and a counts provider that records its reads."""
+    h, w = shape
+    frames, reads = {}, []
+    for k in range(n_frames):
+        mask = _disc(h / 2, 8 + (k % (w - 16)), 4, shape=shape)
+        inst = Instances.from_masks(mask[None], [0.9], SOURCE_FLAGS["classical"])
+        frames[k] = ImageResult(frame=k, shape=shape, joint=inst, classical=inst)
+    result = ScanResult(frames=frames, axis_name="eta", axis_values=np.linspace(0, 1, n_frames), frame_shape=shape)
+
+    def counts(k: int) -> np.ndarray:
+        reads.append(k)
+        # noisy frames (they compress badly), the same on every read; the peak bright
+        frame = np.random.default_rng(k).poisson(200.0, shape).astype(np.float32)
+        frame[result.frames[k].joint.union_mask()] += 5000
+        return frame
+
+    return result, counts, reads
+
+
+def test_viewer_of_a_long_scan_reads_each_shown_frame_once_and_says_what_it_shows(tmp_path: Path):
+    from dipid.volume import scan_peaks
+
+    result, counts, reads = _long_scan(400)
+    peaks = scan_peaks(result, np.stack([counts(k) for k in range(len(result))]))
+    reads.clear()
+    path = viz.view_scan_result(result, counts, tmp_path / "long.html", peak_table=peaks, compress=True)
+    packed = _packed_figure(path.read_text(encoding="utf-8"))
+    shown = [int(f["name"]) for f in packed["frames"]]
+    assert len(shown) == 121 and shown[0] == 0 and shown[-1] == 399
+    assert sorted(reads) == sorted(set(reads)) == shown, "only the shown frames are read, once each"
+    notes = [a["text"] for a in packed["layout"].get("annotations", [])]
+    assert any("showing 121 of 400 frames" in note for note in notes)
+    assert packed["layout"]["meta"]["frames_total"] == 400
+    # the 3D peaks and the table cover every frame, not only the shown ones
+    table = next(t for t in packed["data"] if t["type"] == "table")
+    assert len(table["cells"]["values"][0]) == len(peaks)
+
+
+def test_viewer_page_stays_under_its_budget_by_showing_fewer_frames(tmp_path: Path):
+    result, counts, _ = _long_scan(200)
+    volumes = {"joint": result.label_frames("joint")}
+    full = viz.write_viewer(tmp_path / "full.html", counts, volumes, image_shrink=8, compress=True)
+    budget = full.stat().st_size - 1  # even 8 x 8 binned frames do not fit: fewer frames must be shown
+    small = viz.write_viewer(tmp_path / "small.html", counts, volumes, compress=True, max_html_bytes=budget)
+    assert small.stat().st_size <= budget
+    packed = _packed_figure(small.read_text(encoding="utf-8"))
+    meta = packed["layout"]["meta"]
+    assert meta["image_shrink"] == 8 and meta["frames_shown"] < 121 and len(packed["frames"]) == meta["frames_shown"]
+    note = " ".join(a["text"] for a in packed["layout"]["annotations"])
+    assert f"showing {meta['frames_shown']} of 200 frames" in note and "binned 8 x 8" in note
+
+
+def test_viewer_of_a_short_scan_has_no_reduction_note():
+    fig, *_ = _viewer(4)
+    assert not [a for a in fig.layout.annotations if a.name == "reduction note"]
+    assert fig.layout.meta["frames_total"] == fig.layout.meta["frames_shown"] == 4

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from dipid.errors import ScanError, ScanShapeError
-from dipid.results import SOURCE_FLAGS, ImageResult, Instances, ScanResult
+from dipid.results import SOURCE_FLAGS, FrameStack, ImageResult, Instances, ScanResult
 from dipid.volume import (
+    PeakLinker,
     Peaks3D,
     link_peaks_3d,
     match_peaks_3d,
@@ -370,6 +371,117 @@ def test_scan_peaks_rereads_counts_from_the_scan_file(tmp_path):
         np.testing.assert_allclose(reread.table[name], given.table[name])
     np.testing.assert_array_equal(reread.frame_numbers, [0, 1, 2, 4, 5])
     assert reread.table["last_frame"][0] == 5
+
+
+def _reference_link(volume: np.ndarray, *, max_gap: int, connectivity: int, min_overlap: float, min_frames: int,
+                    frame_numbers: np.ndarray) -> np.ndarray:
+    """Whole-volume linking written independently of dipid: a union-find over touching instance
+    pairs of every slice pair, each pair's rule as documented by link_peaks_3d."""
+    from scipy import ndimage
+
+    plane = ndimage.generate_binary_structure(2, min(connectivity, 2))
+    ids = np.zeros(volume.shape, np.int64)
+    n = 0
+    for k in range(len(volume)):
+        local = ndimage.label(volume[k], structure=plane)[0] if volume.dtype == bool else volume[k].astype(np.int64)
+        ids[k] = np.where(local > 0, local + n, 0)
+        n += int(local.max(initial=0))
+    parent = list(range(n + 1))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    area = np.bincount(ids.ravel(), minlength=n + 1)
+    _, height, width = volume.shape
+    for a_k in range(len(volume)):
+        for b_k in range(a_k + 1, len(volume)):
+            distance = frame_numbers[b_k] - frame_numbers[a_k]
+            if distance > max_gap + 1:
+                break
+            offsets = [(dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1) if 1 + abs(dr) + abs(dc) <= connectivity]
+            offsets = offsets if distance == 1 else [(0, 0)]
+            touching: dict[tuple[int, int], set[int]] = {}
+            for r in range(height):
+                for c in range(width):
+                    a = int(ids[a_k, r, c])
+                    for dr, dc in offsets:
+                        if a and 0 <= r + dr < height and 0 <= c + dc < width and ids[b_k, r + dr, c + dc]:
+                            touching.setdefault((a, int(ids[b_k, r + dr, c + dc])), set()).add(r * width + c)
+            for (a, b), pixels in touching.items():
+                if len(pixels) >= min_overlap * min(area[a], area[b]):
+                    parent[find(a)] = find(b)
+    roots = {}
+    out = np.zeros(volume.shape, np.int32)
+    slices_of: dict[int, set[int]] = {}
+    for i in range(1, n + 1):
+        if area[i]:
+            slices_of.setdefault(find(i), set()).add(int(np.flatnonzero((ids == i).any(axis=(1, 2)))[0]))
+    for i in range(1, n + 1):  # ids run in first-appearance order
+        if area[i] and len(slices_of[find(i)]) >= min_frames:
+            roots.setdefault(find(i), len(roots) + 1)
+            out[ids == i] = roots[find(i)]
+    return out
+
+
+def test_streamed_linking_matches_a_whole_volume_reference():
+    rng = np.random.default_rng(11)
+    for trial in range(40):
+        n_frames = int(rng.integers(1, 7))
+        volume = rng.random((n_frames, 9, 11)) < rng.uniform(0.2, 0.6)
+        if trial % 2:  # integer per-frame instance labels, ids repeating between frames
+            from scipy import ndimage
+
+            volume = np.stack([ndimage.label(v)[0] for v in volume]).astype(np.int32)
+        options = dict(max_gap=int(rng.integers(0, 3)), connectivity=int(rng.integers(1, 4)),
+                       min_overlap=float(rng.choice([0.0, 0.3, 0.5, 1.0])), min_frames=int(rng.integers(1, 3)))
+        frames = np.sort(rng.choice(12, n_frames, replace=False)) if trial % 3 == 0 else np.arange(n_frames)
+        expected = _reference_link(volume, frame_numbers=frames, **options)
+        np.testing.assert_array_equal(link_peaks_3d(volume, frame_numbers=frames, **options), expected)
+        # the same, one slice at a time
+        min_frames = options.pop("min_frames")
+        linker = PeakLinker(**options)
+        for k in range(n_frames):
+            linker.add(volume[k], int(frames[k]))
+        linker.finish(min_frames=min_frames)
+        stack = linker.peak_labels(lambda k: volume[k], (9, 11))
+        assert isinstance(stack, FrameStack) and stack.shape == volume.shape
+        assert stack.max(initial=0) == expected.max(initial=0)
+        for k in range(n_frames):
+            np.testing.assert_array_equal(stack[k], expected[k])
+
+
+def test_peak_linker_holds_only_the_last_slices():
+    linker = PeakLinker(max_gap=2)
+    frame = np.zeros((H, W), bool)
+    frame[4:8, 4:8] = True
+    for k in range(50):
+        linker.add(frame, k)
+        assert len(linker._window) <= 3, "only max_gap + 1 slices are kept"
+    assert linker.finish().max() == 1 and linker.n_peaks == 1
+    repeated = PeakLinker()
+    repeated.add(frame, 3)
+    with pytest.raises(ValueError, match="ascending"):
+        repeated.add(frame, 3)
+    with pytest.raises(RuntimeError, match="finish"):
+        linker.add(frame, 99)
+
+
+def test_scan_peaks_gives_lazy_labels_and_the_same_table_as_the_whole_volume():
+    result, counts = _scan_result(n_frames=8, skip_frame=4)
+    peaks = scan_peaks(result, counts)
+    assert isinstance(peaks.label_frames, FrameStack)
+    whole = link_peaks_3d(result.label_volume(), frame_numbers=result.frame_numbers)
+    np.testing.assert_array_equal(peaks.labels, whole)
+    table = peaks_table(whole, counts, frame_numbers=result.frame_numbers, axis_values=result.axis_values,
+                        axis_name=result.axis_name)
+    lazy = peaks_table(peaks.label_frames, counts, frame_numbers=result.frame_numbers,
+                       axis_values=result.axis_values, axis_name=result.axis_name)
+    for name in table:
+        if name not in ("score", "models"):
+            np.testing.assert_allclose(np.asarray(lazy[name], float), np.asarray(table[name], float), err_msg=name)
 
 
 # ------------------------------------------------------------------------------ matching

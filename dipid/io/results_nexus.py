@@ -26,7 +26,8 @@ Layout (NeXpy and nexusformat open it; ``/entry@default`` plots the 3D peak labe
                             of the instances rows, each row-major, concatenated; offsets (R + 1,)
                             int64, where row r's pixels start
 
-Volumes are gzip-compressed in one chunk per frame, so a viewer reads a frame at a time.
+Volumes are gzip-compressed in one chunk per frame, so a viewer reads a frame at a time, and are
+written a frame at a time from the result's cropped instance masks (no (F, H, W) array in memory).
 :func:`read_scan_result` (``ScanResult.from_nexus``) reads a file back into the ScanResult that
 wrote it; files written before instance_masks, scan_axis and result_metadata existed still load
 (masks from the label images, the axis of the held frames only, metadata from the process notes).
@@ -37,7 +38,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -49,7 +50,7 @@ import numpy as np
 from dipid import __version__
 from dipid.errors import CorruptFileError, NotHDF5Error, ScanError, ScanFileNotFoundError
 from dipid.files import atomic_path, to_jsonable
-from dipid.results import MODEL_KINDS, ImageResult, Instances, ScanResult, SSLOutput, source_flags
+from dipid.results import MODEL_KINDS, FrameStack, ImageResult, Instances, ScanResult, SSLOutput, source_flags
 
 logger = logging.getLogger(__name__)
 
@@ -70,13 +71,22 @@ def _safe_name(name: str) -> str:
     return cleaned if not cleaned[0].isdigit() else f"_{cleaned}"
 
 
-def _write_volume(group: h5py.Group, name: str, volume: np.ndarray) -> h5py.Dataset:
-    """(F, H, W) volume, gzip-compressed in one chunk per frame."""
-    if volume.size == 0:
-        return group.create_dataset(name, data=volume)
-    return group.create_dataset(
-        name, data=volume, chunks=(1, *volume.shape[1:]), compression="gzip", compression_opts=4, shuffle=True
-    )
+def _write_volume(group: h5py.Group, name: str, volume: np.ndarray | FrameStack, dtype: Any = None,
+                  *, on_frame: Callable[[int, np.ndarray], None] | None = None) -> h5py.Dataset:
+    """(F, H, W) volume, gzip-compressed in one chunk per frame, written a frame at a time (so a
+    :class:`FrameStack` is never built whole); ``on_frame(k, frame)`` sees each frame written."""
+    dtype = np.dtype(volume.dtype if dtype is None else dtype)
+    shape = tuple(int(n) for n in volume.shape)
+    if not all(shape):
+        return group.create_dataset(name, shape=shape, dtype=dtype)
+    dataset = group.create_dataset(name, shape=shape, dtype=dtype, chunks=(1, *shape[1:]), compression="gzip",
+                                   compression_opts=4, shuffle=True)
+    for k in range(shape[0]):
+        frame = np.asarray(volume[k])
+        dataset[k] = frame.astype(dtype, copy=False)
+        if on_frame is not None:
+            on_frame(k, frame)
+    return dataset
 
 
 def _write_column(group: h5py.Group, name: str, values: Any) -> h5py.Dataset:
@@ -142,11 +152,12 @@ def _peak_of_instances(peak_labels: np.ndarray, instance_labels: np.ndarray, box
     return peaks
 
 
-def _instances_columns(result: ScanResult, models: Sequence[str], peak_labels: np.ndarray | None,
+def _instances_columns(result: ScanResult, models: Sequence[str], peaks_of: Mapping[int, list[int]],
                        peak_model: str | None) -> tuple[dict[str, Any], list[np.ndarray]]:
     """Rows of every per-frame instance of every model: model, frame, instance (1-based label in
-    ``<model>_masks``), peak (3D peak id for the model the peaks were linked from, else 0), score,
-    area, box, centroid, source; and each row's mask crop."""
+    ``<model>_masks``), peak (3D peak id for the model the peaks were linked from, from
+    ``peaks_of``: held frame index -> the peak of each instance; else 0), score, area, box,
+    centroid, source; and each row's mask crop."""
     columns: dict[str, list] = {name: [] for name in
                                 ("model", "frame", "instance", "peak", "score", "area", "x0", "y0", "x1", "y1",
                                  "row", "col", "source")}
@@ -159,9 +170,7 @@ def _instances_columns(result: ScanResult, models: Sequence[str], peak_labels: n
             crops += inst.crops
             table = inst.to_dict()
             n = len(inst)
-            peaks = [0] * n
-            if peak_labels is not None and model == peak_model:
-                peaks = _peak_of_instances(peak_labels[k], inst.label_image(), inst.boxes)
+            peaks = peaks_of[k] if model == peak_model else [0] * n
             columns["model"] += [model] * n
             columns["frame"] += [int(frame)] * n
             columns["instance"] += [i + 1 for i in range(n)]
@@ -189,14 +198,18 @@ def write_results_nexus(
 ) -> Path:
     """Write a scan's predictions as a NeXus file, atomically (temp file, then ``os.replace``).
 
+    Volumes are written a frame at a time, each frame's label images made from the result's
+    cropped instance masks as it is written, so a long scan never needs an (F, H, W) array.
+
     Args:
         path: destination ``.nxs`` file; an existing file is replaced only once the new one is
             complete, so an interrupted write leaves the old file (or none) in place.
         result: the scan predictions; every model present gets a ``<model>_masks`` NXdata.
         peaks: a :class:`dipid.volume.Peaks3D` or a peak-table dict of columns (``/entry/peaks``).
-        peak_labels: (F, H, W) int peak labels of ``result.frame_numbers``; default: those of
-            ``peaks`` when it is a Peaks3D, else the joint (or first present) model's instances
-            linked with :func:`dipid.volume.link_peaks_3d`.
+        peak_labels: (F, H, W) int peak labels of ``result.frame_numbers`` (an array or a
+            :class:`dipid.results.FrameStack`); default: those of ``peaks`` when it is a Peaks3D,
+            else the joint (or first present) model's instances linked with
+            :func:`dipid.volume.link_instances` (as :func:`dipid.volume.link_peaks_3d`).
         software_version: default dipid's version.
         model_names: models that produced the result; default ``result.metadata["models"]``.
         weights_sha256: model name -> checkpoint sha256; default from
@@ -215,18 +228,26 @@ def write_results_nexus(
     if peaks is not None:
         table = peaks.table if hasattr(peaks, "table") else dict(peaks)
         peak_model = getattr(peaks, "model", None)
-        if peak_labels is None and hasattr(peaks, "labels"):
-            peak_labels = peaks.labels
+        if peak_labels is None and hasattr(peaks, "label_frames"):
+            peak_labels = peaks.label_frames
     if peak_labels is None:
         # Linking is dipid.volume's (a layer above io), needed only when the caller gave no peaks
-        from dipid.volume import link_peaks_3d
+        from dipid.volume import link_instances
 
         peak_model = "joint" if "joint" in present or not present else present[0]
-        peak_labels = link_peaks_3d(result.label_volume(peak_model), frame_numbers=frame_numbers)
-    peak_labels = np.asarray(peak_labels)
-    if peak_labels.shape != (n_frames, height, width):
+        peak_labels = link_instances(result.instances(peak_model), frame_numbers, (height, width))
+    if not isinstance(peak_labels, FrameStack):
+        peak_labels = np.asarray(peak_labels)
+    if tuple(peak_labels.shape) != (n_frames, height, width):
         raise ValueError(f"peak_labels have shape {peak_labels.shape}; the result holds {(n_frames, height, width)}")
-    peak_labels = peak_labels.astype(np.int32, copy=False)
+    # the peak of each instance of the linked model, per held frame, found as the labels are written
+    peak_instances = result.instances(peak_model) if peak_model in present else None
+    peaks_of: dict[int, list[int]] = {}
+
+    def instance_peaks(k: int, frame_peaks: np.ndarray) -> None:
+        if peak_instances is not None and len(peak_instances[k]):
+            inst = peak_instances[k]
+            peaks_of[k] = _peak_of_instances(frame_peaks, inst.label_image(), inst.boxes)
 
     axis = _safe_name(result.axis_name or "frame")
     held_axis = result.held_axis_values()
@@ -262,13 +283,16 @@ def write_results_nexus(
             _write_process(entry, result, software_version=str(software_version), date=now,
                            model_names=list(model_names), weights_sha256=dict(weights_sha256),
                            parameters=dict(parameters or {}))
-            _write_results(entry, peak_labels, axis, axis_values, frame_numbers, result.axis_name or "frame")
+            _write_results(entry, peak_labels, axis, axis_values, frame_numbers, result.axis_name or "frame",
+                           on_frame=instance_peaks)
             for model in present:
-                labels = result.label_volume(model)
+                labels = result.label_frames(model)
                 group = entry.create_group(f"{model}_masks")
                 group.attrs["NX_class"] = "NXdata"
-                dtype = np.uint16 if labels.max(initial=0) <= np.iinfo(np.uint16).max else np.int32
-                dataset = _write_volume(group, "instance_labels", labels.astype(dtype))
+                # a frame's largest label is at most its number of instances
+                most = max((len(inst) for inst in result.instances(model)), default=0)
+                dtype = np.uint16 if most <= np.iinfo(np.uint16).max else np.int32
+                dataset = _write_volume(group, "instance_labels", labels, dtype)
                 dataset.attrs["long_name"] = f"{model} instance labels (0 = none, i + 1 = instance i of the frame)"
                 if model == "ssl":
                     _write_ssl_segmentation(group, result)
@@ -276,7 +300,7 @@ def write_results_nexus(
                 _set_axes(group, "instance_labels", axis)
             if table is not None:
                 _write_peaks(entry, table)
-            columns, crops = _instances_columns(result, present, peak_labels, peak_model)
+            columns, crops = _instances_columns(result, present, peaks_of, peak_model)
             _write_instances(entry, columns)
             _write_instance_masks(entry, crops)
     logger.info("wrote %s (%d frames, %d peaks)", path, n_frames, int(peak_labels.max(initial=0)))
@@ -311,11 +335,12 @@ def _write_process(entry: h5py.Group, result: ScanResult, *, software_version: s
     scan_axis.attrs["long_name"] = result.axis_name or "frame"
 
 
-def _write_results(entry: h5py.Group, peak_labels: np.ndarray, axis: str, axis_values: np.ndarray,
-                   frames: np.ndarray, axis_long_name: str) -> None:
+def _write_results(entry: h5py.Group, peak_labels: np.ndarray | FrameStack, axis: str, axis_values: np.ndarray,
+                   frames: np.ndarray, axis_long_name: str, *,
+                   on_frame: Callable[[int, np.ndarray], None] | None = None) -> None:
     group = entry.create_group("results")
     group.attrs["NX_class"] = "NXdata"
-    dataset = _write_volume(group, "peak_labels", peak_labels)
+    dataset = _write_volume(group, "peak_labels", peak_labels, np.int32, on_frame=on_frame)
     dataset.attrs["long_name"] = "3D peak id (0 = none)"
     _axis_datasets(group, axis, axis_values, frames, axis_long_name)
     _set_axes(group, "peak_labels", axis)
@@ -362,11 +387,13 @@ def _write_instance_masks(entry: h5py.Group, crops: Sequence[np.ndarray]) -> Non
 
 def _write_ssl_segmentation(group: h5py.Group, result: ScanResult) -> None:
     """The SSLM's peak/background mask of each held frame (zeros where the SSLM did not run)."""
-    masks = np.zeros((len(result), *result.frame_shape), np.uint8)
-    for k, f in enumerate(result.frame_numbers):
-        ssl = result.frames[int(f)].ssl
-        if ssl is not None:
-            masks[k] = ssl.mask
+    held = [result.frames[int(f)] for f in result.frame_numbers]
+
+    def mask(k: int) -> np.ndarray:
+        ssl = held[k].ssl
+        return np.zeros(result.frame_shape, np.uint8) if ssl is None else ssl.mask
+
+    masks = FrameStack(mask, len(held), result.frame_shape, np.uint8)
     _write_volume(group, "segmentation", masks).attrs["long_name"] = "SSLM peak/background segmentation (1 = peak)"
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -188,26 +188,31 @@ def block_max(volume: np.ndarray, factor: int) -> np.ndarray:
     return padded.reshape(f, hp // factor, factor, wp // factor, factor).max(axis=(2, 4))
 
 
-def robust_maximum(frames: Sequence[np.ndarray] | np.ndarray, *, fraction: float = 1e-4) -> float:
+def robust_maximum(frames: Iterable[np.ndarray], *, fraction: float = 1e-4, total: int | None = None) -> float:
     """The value exceeded by only ``fraction`` of all pixels of the frames (NaN ignored).
 
     Used as the top of the colour scale so isolated hot pixels do not set it; computed exactly
-    from each frame's largest values, without concatenating the frames.
+    from each frame's largest values, without concatenating the frames. With ``total`` (the
+    number of pixels of all frames) the frames may be an iterator, visited once, and only the
+    largest ``total * fraction`` values are held.
     """
-    total = sum(int(np.size(frame)) for frame in frames)
+    if total is None:
+        frames = list(frames)
+        total = sum(int(np.size(frame)) for frame in frames)
     if total == 0:
         return 0.0
     rank = max(1, int(total * fraction))
-    tops = []
+    pooled = np.zeros(0)
     for frame in frames:
         flat = np.asarray(frame, dtype=np.float64).ravel()
         flat = flat[np.isfinite(flat)]
         keep = min(rank, flat.size)
         if keep:
-            tops.append(np.partition(flat, flat.size - keep)[flat.size - keep:])
-    if not tops:
+            pooled = np.concatenate([pooled, np.partition(flat, flat.size - keep)[flat.size - keep:]])
+            if pooled.size > rank:  # the rank largest values so far are all the answer can need
+                pooled = np.partition(pooled, pooled.size - rank)[pooled.size - rank:]
+    if not pooled.size:
         return 0.0
-    pooled = np.concatenate(tops)
     position = pooled.size - min(rank, pooled.size)
     return float(np.partition(pooled, position)[position])
 
@@ -222,20 +227,67 @@ def choose_downsample(n_frames: int, height: int, width: int, bytes_per_pixel: i
     return factor
 
 
+def _frame_surface(before: np.ndarray | None, here: np.ndarray, after: np.ndarray | None) -> np.ndarray:
+    """(H, W) bool: labelled pixels of ``here`` with a 6-neighbour of another label, the frames
+    ``before`` and ``after`` giving the neighbours across frames (None: off the volume, 0)."""
+    padded = np.pad(here, 1, constant_values=0)
+    surface = np.zeros(here.shape, dtype=bool)
+    for axis in range(2):
+        for shift in (-1, 1):
+            surface |= np.roll(padded, shift, axis=axis)[1:-1, 1:-1] != here
+    for other in (before, after):
+        surface |= (here != 0) if other is None else (other != here)
+    return surface & (here != 0)
+
+
+def _frames_with_neighbours(labels: Any) -> Iterator[tuple[int, np.ndarray | None, np.ndarray, np.ndarray | None]]:
+    """(k, frame k - 1, frame k, frame k + 1) of an (F, H, W) array or FrameStack, each frame read once."""
+    n = len(labels)
+    before, here = None, (labels[0] if n else None)
+    for k in range(n):
+        after = labels[k + 1] if k + 1 < n else None
+        yield k, before, here, after
+        before, here = here, after
+
+
 def surface_voxels(labels: np.ndarray) -> np.ndarray:
     """(F, H, W) bool: labelled voxels with a 6-neighbour of a different label (or off the volume).
 
     Drawing only these shows each 3D peak's shape with far fewer points than every voxel.
     """
     labels = np.asarray(labels)
-    padded = np.pad(labels, 1, constant_values=0)
-    centre = padded[1:-1, 1:-1, 1:-1]
     surface = np.zeros(labels.shape, dtype=bool)
-    for axis in range(3):
-        for shift in (-1, 1):
-            neighbour = np.roll(padded, shift, axis=axis)[1:-1, 1:-1, 1:-1]
-            surface |= neighbour != centre
-    return surface & (labels != 0)
+    for k, before, here, after in _frames_with_neighbours(labels):
+        surface[k] = _frame_surface(before, here, after)
+    return surface
+
+
+def _surface_sample(labels: Any, max_voxels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(k, rows, cols, ids) of at most ``max_voxels`` surface voxels of an (F, H, W) label array or
+    FrameStack: the subset :func:`_subsample_indices` picks from all of them in (k, row, col)
+    order. Two passes over the frames (count, then pick), so only the picked voxels are held."""
+    counts = []
+    for _, before, here, after in _frames_with_neighbours(labels):
+        counts.append(int(np.count_nonzero(_frame_surface(before, here, after))) if here.any() else 0)
+    total = int(sum(counts))
+    keep = _subsample_indices(total, max_voxels)
+    if keep.size < total:
+        logger.info("viewer: drawing %d of %d surface voxels", keep.size, total)
+    starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    parts: list[tuple[np.ndarray, ...]] = []
+    for k, before, here, after in _frames_with_neighbours(labels):
+        lo, hi = np.searchsorted(keep, [starts[k], starts[k + 1]])
+        if hi == lo:
+            continue
+        rows, cols = np.nonzero(_frame_surface(before, here, after))
+        pick = keep[lo:hi] - starts[k]
+        rows, cols = rows[pick], cols[pick]
+        parts.append((np.full(rows.size, k, np.int64), rows, cols, here[rows, cols].astype(np.int64)))
+    if not parts:
+        empty = np.zeros(0, np.int64)
+        return empty, empty, empty, empty
+    k, rows, cols, ids = (np.concatenate(column) for column in zip(*parts))
+    return k, rows, cols, ids
 
 
 def _subsample_indices(n: int, max_n: int, *, seed: int = 0) -> np.ndarray:
@@ -284,7 +336,7 @@ def _counts_frame(counts: CountsSource, k: int) -> np.ndarray:
 
 def _peak_intensities(counts: CountsSource, peak_labels: np.ndarray) -> dict[int, float]:
     """3D peak id -> summed counts over its voxels (negative bad-pixel codes count as 0)."""
-    n_ids = int(peak_labels.max(initial=0)) + 1
+    n_ids = int(peak_labels.max(initial=0)) + 1  # an array or a FrameStack, read a frame at a time
     totals = np.zeros(n_ids)
     for k in range(peak_labels.shape[0]):
         labels = peak_labels[k]
@@ -356,6 +408,7 @@ def _peaks_from_table(table: Mapping[str, Sequence[Any]], frame_numbers: np.ndar
 
 def _peaks_from_volume(peak_labels: np.ndarray, frame_numbers: np.ndarray, axis_values: np.ndarray,
                        intensity_by_id: dict[int, float]) -> _Peaks:
+    peak_labels = np.asarray(peak_labels)  # no peak table: measured from the whole volume
     boxes = ndimage.find_objects(peak_labels.astype(np.int64, copy=False))
     ids = np.asarray([i for i, box in enumerate(boxes, start=1) if box is not None], dtype=np.int64)
     if ids.size:

@@ -10,7 +10,13 @@ Size: the frame images are stored as integer counts under a log-spaced colour sc
 shows exact counts without a second array) and the page is gzipped (:mod:`dipid.viz.page`). Frame
 images are shrunk by block maxima only when a scan would not otherwise fit ``max_image_bytes``
 before compression or ``max_html_bytes`` after: a 61-frame Pilatus 100K scan fits at full
-resolution in about 10-14 MB.
+resolution in about 10-14 MB. Past the largest shrink, fewer frames are shown, so the page stays
+under ``max_html_bytes`` on any scan; the page says which frames it shows and how binned they are.
+The 3D peaks, the table and the outlines are those of every frame at full resolution.
+
+Memory: the label volumes and the peak labels may be :class:`dipid.results.FrameStack` (what
+:func:`view_scan_result` passes) and the counts a function reading a frame from the scan, so only
+the shown frames are ever read, one at a time; no (F, H, W) array is built.
 """
 
 from __future__ import annotations
@@ -27,9 +33,9 @@ import plotly.graph_objects as go
 
 from dipid.errors import DipidError
 from dipid.files import atomic_write_text
-from dipid.io import open_scan
+from dipid.io import Scan, open_scan
 from dipid.io.results_nexus import read_results_nexus
-from dipid.results import MODEL_KINDS, ScanResult, check_model
+from dipid.results import MODEL_KINDS, FrameStack, ScanResult, check_model
 from dipid.viz.figures import _MODEL_LABELS, IMAGE_COLORSCALE, _scene_layout, log_count_colorscale
 from dipid.viz.geometry import (
     _INTENSITY_COLUMNS,
@@ -48,13 +54,12 @@ from dipid.viz.geometry import (
     _peaks_from_volume,
     _scan_axis,
     _smallest_uint,
-    _subsample_indices,
+    _surface_sample,
     axis_title,
     block_max,
     choose_downsample,
     label_outlines,
     robust_maximum,
-    surface_voxels,
 )
 from dipid.viz.page import _html_page
 
@@ -135,7 +140,8 @@ def build_viewer(
         stand_in = "joint" if "joint" in volumes else models[0]
         peak_label_volume = _connected_regions(volumes[stand_in])
         logger.info("viewer: no 3D peaks given; showing the connected regions of the %s masks as peaks", stand_in)
-    peak_label_volume = np.asarray(peak_label_volume)
+    if not isinstance(peak_label_volume, FrameStack):
+        peak_label_volume = np.asarray(peak_label_volume)
     has_intensity = peak_table is not None and any(c in peak_table for c in _INTENSITY_COLUMNS)
     intensity_by_id = (_peak_intensities(counts, peak_label_volume) if counts is not None and not has_intensity
                        else {})
@@ -189,10 +195,50 @@ def build_viewer(
         updatemenus=[_model_buttons(models, default_model, outline_start, n_outline),
                      _play_buttons()],
         # Read back by write_viewer; plotly.js ignores layout.meta unless a template asks for it.
-        meta={"image_shrink": image.factor, "frames_shown": int(shown.size)},
+        meta={"image_shrink": image.factor, "frames_shown": int(shown.size), "frames_total": int(n_frames)},
     )
+    note = _reduction_note(shown.size, n_frames, image.factor)
+    if note:
+        fig.add_annotation(text=html.escape(note), xref="paper", yref="paper", x=0.47, xanchor="left", y=0.945,
+                           yanchor="bottom", showarrow=False, font=dict(size=11, color="#555"), name="reduction note")
     _show_model(fig, models, default_model, outline_start, n_outline)
     return fig
+
+
+#: write_viewer shows no fewer frames than this to fit its page budget.
+_MIN_FRAMES_SHOWN = 5
+#: write_viewer keeps the shown frames' counts in memory up to this many bytes (read once, not per build).
+_FRAME_CACHE_BYTES = 256_000_000
+
+
+def _reduction_note(shown: int, total: int, factor: int) -> str:
+    """The page's note on what it left out ("" when it shows every frame at full resolution)."""
+    parts = []
+    if shown < total:
+        parts.append(f"showing {shown} of {total} frames (about every {max(round((total - 1) / max(shown - 1, 1)), 1)}"
+                     "th)")
+    if factor > 1:
+        parts.append(f"frame images binned {factor} x {factor} (maximum of each block)")
+    if not parts:
+        return ""
+    return "; ".join(parts) + "; 3D peaks, outlines and table: every frame at full resolution"
+
+
+class _CachedFrames:
+    """A counts source read once per frame: frames are kept up to a byte budget, the rest re-read."""
+
+    def __init__(self, counts: Any, budget: int):
+        self.counts, self.budget, self.kept = counts, budget, {}
+        self.held = 0
+
+    def __call__(self, k: int) -> np.ndarray:
+        frame = self.kept.get(k)
+        if frame is None:
+            frame = _counts_frame(self.counts, k)
+            if self.held + frame.nbytes <= self.budget:
+                self.kept[k] = frame
+                self.held += frame.nbytes
+        return frame
 
 
 def write_viewer(path: str | Path, counts: CountsSource, label_volumes: Mapping[str, np.ndarray], *,
@@ -202,21 +248,30 @@ def write_viewer(path: str | Path, counts: CountsSource, label_volumes: Mapping[
     Args:
         compress: as in :func:`save_html`.
         max_html_bytes: when the page comes out larger (noisy frames compress less), the frame
-            images are shrunk one step further (block maxima) and the page built again.
+            images are shrunk one step further (block maxima) and the page built again; past
+            an 8x8 shrink, half as many frames are shown each time, down to 5.
     Returns:
         the path written.
     """
+    if callable(counts):  # each build reads the shown frames: read them from the source once
+        counts = _CachedFrames(counts, _FRAME_CACHE_BYTES)
     fig = build_viewer(counts, label_volumes, **kwargs)
     page = _html_page(fig, title=kwargs.get("title"), compress=compress)
     # plotly.js holds a few non-ASCII characters: measure the page in bytes, as written.
     while len(page.encode("utf-8")) > max_html_bytes:
-        shrink = int(fig.layout.meta["image_shrink"])
-        if shrink >= _MAX_IMAGE_SHRINK:
-            logger.warning("viewer page is %.1f MB even with frame images shrunk %dx", len(page) / 1e6, shrink)
+        shrink, shown = int(fig.layout.meta["image_shrink"]), int(fig.layout.meta["frames_shown"])
+        if shrink < _MAX_IMAGE_SHRINK:
+            logger.info("viewer page is %.1f MB, over %.1f MB: shrinking the frame images %dx",
+                        len(page) / 1e6, max_html_bytes / 1e6, shrink + 1)
+            kwargs = {**kwargs, "image_shrink": shrink + 1}
+        elif shown > _MIN_FRAMES_SHOWN:
+            logger.info("viewer page is %.1f MB, over %.1f MB: showing %d frames instead of %d",
+                        len(page) / 1e6, max_html_bytes / 1e6, max(shown // 2, _MIN_FRAMES_SHOWN), shown)
+            kwargs = {**kwargs, "image_shrink": shrink, "max_frames": max(shown // 2, _MIN_FRAMES_SHOWN)}
+        else:
+            logger.warning("viewer page is %.1f MB even with %d frames shrunk %dx", len(page) / 1e6, shown, shrink)
             break
-        logger.info("viewer page is %.1f MB, over %.1f MB: shrinking the frame images %dx",
-                    len(page) / 1e6, max_html_bytes / 1e6, shrink + 1)
-        fig = build_viewer(counts, label_volumes, **{**kwargs, "image_shrink": shrink + 1})
+        fig = build_viewer(counts, label_volumes, **kwargs)
         page = _html_page(fig, title=kwargs.get("title"), compress=compress)
     out = atomic_write_text(path, page)
     logger.info("viewer written to %s (%.1f MB)", out, len(page) / 1e6)
@@ -225,7 +280,7 @@ def write_viewer(path: str | Path, counts: CountsSource, label_volumes: Mapping[
 
 def view_scan_result(
     result: ScanResult,
-    counts: np.ndarray | None,
+    counts: np.ndarray | Scan | Any | None,
     path: str | Path,
     *,
     peak_table: Mapping[str, Sequence[Any]] | Any | None = None,
@@ -234,33 +289,46 @@ def view_scan_result(
 ) -> Path:
     """Write the viewer of a ScanResult to ``path`` (one standalone HTML file); returns the path.
 
+    Only the shown frames are read, one at a time: the label images are made from the result's
+    cropped instances and the peak labels from ``Peaks3D.label_frames``, so a long scan needs no
+    (F, H, W) array (give the counts as the open scan).
+
     Args:
         result: the scan's predictions; every model it holds gets a button.
-        counts: the frames' counts, either (len(result), H, W) in ``result.frame_numbers`` order or
-            the whole scan (n_scan_frames, H, W) indexed by frame number; None shows masks only.
+        counts: the frames' counts: (len(result), H, W) in ``result.frame_numbers`` order, the
+            whole scan (n_scan_frames, H, W) indexed by frame number, an open
+            :class:`dipid.io.Scan` (the one predicted; frames read as shown), a function from
+            held-frame index to (H, W) counts, or None to show masks only.
         path: where to write the HTML.
         peak_table, peak_label_volume: 3D peaks over ``result.frame_numbers`` (see build_viewer).
             A :class:`dipid.volume.Peaks3D` may be passed as ``peak_table``: its ``table`` and
-            ``labels`` are used.
+            ``label_frames`` are used.
         kwargs: further build_viewer / write_viewer options (max_frames, max_voxels, title, ...).
     """
     frames = result.frame_numbers
-    if hasattr(peak_table, "table") and hasattr(peak_table, "labels"):
+    if hasattr(peak_table, "table") and (hasattr(peak_table, "label_frames") or hasattr(peak_table, "labels")):
         peaks = peak_table
         if not np.array_equal(np.asarray(peaks.frame_numbers), frames):
             raise DipidError("view_scan_result: the 3D peaks were linked over other frames than the result holds; "
                              "link them from this result")
-        peak_table, peak_label_volume = peaks.table, peaks.labels
+        peak_table = peaks.table
+        peak_label_volume = peaks.label_frames if hasattr(peaks, "label_frames") else peaks.labels
     if frames.size == 0:
         raise DipidError("view_scan_result: the result holds no frames; predict at least one frame first")
-    if counts is not None:
+    if isinstance(counts, Scan):
+        scan = counts
+        if tuple(scan.frame_shape) != tuple(result.frame_shape) or len(scan) <= int(frames.max()):
+            raise DipidError(f"view_scan_result: the scan {scan.path} ({len(scan)} frames of {tuple(scan.frame_shape)}) "
+                             f"is not the one predicted ({tuple(result.frame_shape)}, frame {int(frames.max())} held)")
+        counts = lambda k: scan[int(frames[k])]  # noqa: E731 - one frame, read when shown
+    elif counts is not None and not callable(counts):
         counts = np.asarray(counts)
         if counts.ndim != 3 or tuple(counts.shape[1:]) != tuple(result.frame_shape):
             raise DipidError(f"view_scan_result: counts of shape {counts.shape} do not match frames of "
                              f"shape {tuple(result.frame_shape)}; pass the scan's (F, H, W) detector data")
         counts = result.held(counts, what="view_scan_result: counts")
     models = result.models_present()
-    label_volumes = {m: result.label_volume(m) for m in models}
+    label_volumes = {m: result.label_frames(m) for m in models}
     axis_values, axis_name = _scan_axis(result)
     scan_name = Path(result.scan_path).name if result.scan_path else "scan"
     kwargs.setdefault("title", f"{scan_name}: {len(frames)} frames, scan axis {result.axis_name}")
@@ -272,23 +340,20 @@ def view_results_file(result_path: str | Path, out: str | Path | None = None) ->
     """Viewer HTML of a results file written by ``dipid predict`` / ``ScanResult.to_nexus``.
 
     The frames' counts are re-read from the source scan recorded in the file when it is still
-    there; otherwise the viewer shows the masks alone (and says so in the log).
+    there (only the shown frames); otherwise the viewer shows the masks alone (and says so in the log).
     """
     results = read_results_nexus(result_path)
     result_path = Path(result_path)
     out = Path(out) if out is not None else result_path.with_name(result_path.name.replace("_dipid.nxs", "") + "_view.html")
-    counts = None
     source = Path(results.source_scan) if results.source_scan else None
+    options = dict(peak_table=results.peaks or None, peak_label_volume=results.peak_labels,
+                   axis_name=results.axis_name, axis_values=results.axis_values, frame_numbers=results.frame_numbers,
+                   title=f"dipid: {source.name if source else result_path.name}")
     if source is not None and source.is_file():
         with open_scan(source) as scan:
-            counts = np.stack([scan[int(f)] for f in results.frame_numbers])
-    else:
-        logger.warning("%s: source scan %s not found; the viewer shows masks without counts", result_path, source)
-    return write_viewer(
-        out, counts, results.model_labels, peak_table=results.peaks or None, peak_label_volume=results.peak_labels,
-        axis_name=results.axis_name, axis_values=results.axis_values, frame_numbers=results.frame_numbers,
-        title=f"dipid: {source.name if source else result_path.name}",
-    )
+            return write_viewer(out, lambda k: scan[int(results.frame_numbers[k])], results.model_labels, **options)
+    logger.warning("%s: source scan %s not found; the viewer shows masks without counts", result_path, source)
+    return write_viewer(out, None, results.model_labels, **options)
 
 
 def _check_volumes(label_volumes: Mapping[str, np.ndarray], peak_label_volume: np.ndarray | None,
@@ -298,7 +363,8 @@ def _check_volumes(label_volumes: Mapping[str, np.ndarray], peak_label_volume: n
     volumes: dict[str, np.ndarray] = {}
     for model in sorted(label_volumes, key=lambda m: MODEL_KINDS.index(m) if m in MODEL_KINDS else -1):
         check_model(model)
-        volumes[model] = np.asarray(label_volumes[model])
+        volume = label_volumes[model]
+        volumes[model] = volume if isinstance(volume, FrameStack) else np.asarray(volume)
     shape = next(iter(volumes.values())).shape
     if len(shape) != 3 or shape[0] == 0:
         raise DipidError(f"build_viewer: label volumes must be (F, H, W) with F >= 1, got {shape}")
@@ -312,15 +378,10 @@ def _check_volumes(label_volumes: Mapping[str, np.ndarray], peak_label_volume: n
     return volumes, shape
 
 
-def _add_peak_voxels(fig: go.Figure, peak_labels: np.ndarray, frame_numbers: np.ndarray, axis_values: np.ndarray,
-                     axis_label: str, max_voxels: int) -> None:
+def _add_peak_voxels(fig: go.Figure, peak_labels: np.ndarray | FrameStack, frame_numbers: np.ndarray,
+                     axis_values: np.ndarray, axis_label: str, max_voxels: int) -> None:
     """One Scatter3d per palette colour, holding the surface voxels of the peaks of that colour."""
-    k, rows, cols = np.nonzero(surface_voxels(peak_labels))
-    keep = _subsample_indices(k.size, max_voxels)
-    if keep.size < k.size:
-        logger.info("viewer: drawing %d of %d surface voxels", keep.size, k.size)
-    k, rows, cols = k[keep], rows[keep], cols[keep]
-    ids = peak_labels[k, rows, cols].astype(np.int64)
+    k, rows, cols, ids = _surface_sample(peak_labels, max_voxels)
     colour_index = (ids - 1) % len(PALETTE)
     hover = (f"3D peak %{{customdata[0]}}<br>frame %{{customdata[1]}}<br>{axis_label} %{{y:.5g}}"
              "<br>row %{z}, column %{x}<extra></extra>")
@@ -377,10 +438,19 @@ class _FrameImages:
             self.max_count = self.display_top = 1.0
             self.dtype: type = np.uint8
         else:
-            frames = [_counts_frame(counts, k) for k in shown.tolist()] if callable(counts) else counts[shown]
-            self.max_count = max(max(float(np.nanmax(frame, initial=0)) for frame in frames), 1.0)
+            # One pass over the shown frames, a frame at a time (a long scan's frames are read from the file).
+            tops = [0.0]
+
+            def frames() -> Any:
+                for k in shown.tolist():
+                    frame = _counts_frame(counts, k)
+                    tops.append(float(np.nanmax(frame, initial=0)))
+                    yield frame
+
+            _, height, width = mask_labels.shape
             # A few hot pixels would squeeze everything else into the dark end of the scale.
-            self.display_top = max(robust_maximum(frames), 1.0)
+            self.display_top = max(robust_maximum(frames(), total=shown.size * height * width), 1.0)
+            self.max_count = max(max(tops), 1.0)
             self.dtype = _smallest_uint(self.max_count)
         self.id_dtype = _smallest_uint(float(peak_labels.max(initial=0)))
         bytes_per_pixel = np.dtype(self.dtype).itemsize + np.dtype(self.id_dtype).itemsize
@@ -496,7 +566,7 @@ def _start_position(shown: np.ndarray, frame_numbers: np.ndarray, labels: np.nda
             raise DipidError(f"build_viewer: start_frame {start_frame} is not among the frames shown "
                              f"({', '.join(map(str, frame_numbers[shown][:8].tolist()))}, ...)")
         return int(matches[0])
-    n_instances = [int(np.unique(labels[k]).size - (labels[k].min() == 0)) for k in shown.tolist()]
+    n_instances = [int(np.count_nonzero(np.bincount(labels[k].ravel())[1:])) for k in shown.tolist()]
     return int(np.argmax(n_instances))
 
 

@@ -1,0 +1,120 @@
+"""Peak memory and wall time of `dipid predict` against scan length and detector size.
+
+Issue 14's targets: peak RSS must not grow with the number of frames (1000 Pilatus frames within
+10 % of 100) and a 200-frame Eiger 4M scan must stay under 4 GB. Each configuration is one fresh
+`dipid predict --model <model> SCAN --out DIR` process; its peak RSS is the child's ``ru_maxrss``
+(read by a small parent process that runs only it) and its wall time includes start-up and all
+three outputs (peak CSV, viewer HTML, results NeXus).
+
+Scans are simulated (``dipid.synth.simulate_scan(..., detector=...)``) in their own subprocess
+into ``--work`` and reused by later runs: a 200-frame Eiger 4M scan takes a few minutes and about
+4 GB to simulate. The joint model needs trained weights; none are shipped, so its rows are
+skipped with the reason unless ``--weights`` names a folder holding them.
+
+    python benchmarks/scale.py                                   # 100/1000 Pilatus, 20/200 Eiger 4M
+    python benchmarks/scale.py --pilatus 100 400 --eiger 5 20    # a quicker check
+    python benchmarks/scale.py --eiger 200 --pilatus --timeout 1800
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from dipid.tables import text_table
+
+DETECTORS = {"pilatus": "pilatus100k", "eiger": "eiger4m"}
+
+#: The parent of each measured process: runs the command given, prints wall seconds and the
+#: child's peak RSS (Linux reports ru_maxrss in KiB) as JSON.
+_MEASURE = """
+import json, resource, subprocess, sys, time
+start = time.perf_counter()
+proc = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+wall = time.perf_counter() - start
+rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+print(json.dumps({"rc": proc.returncode, "wall": wall, "rss": rss, "tail": (proc.stdout + proc.stderr)[-1500:]}))
+"""
+
+
+def make_scan(work: Path, detector: str, frames: int, seed: int) -> Path:
+    """Simulate (once) a scan of ``frames`` frames in a subprocess; returns its NeXus file."""
+    name = f"{detector}_{frames}_s{seed}"
+    path = work / "scans" / f"{name}.nxs"
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    code = ("import sys; from dipid.synth import simulate_scan; "
+            "simulate_scan(n_frames=int(sys.argv[1]), detector=sys.argv[2], seed=int(sys.argv[3]))"
+            ".write(sys.argv[4], sys.argv[5])")
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code, str(frames), DETECTORS[detector], str(seed), str(path.parent), name],
+                   check=True)
+    print(f"simulated {name} in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+    return path
+
+
+def measure(scan: Path, out: Path, model: str, weights: str | None, timeout: float) -> dict:
+    """Run one `dipid predict` in a fresh process; wall s, peak RSS bytes, viewer bytes."""
+    dipid = Path(sys.executable).with_name("dipid")
+    command = [str(dipid), "predict", "--model", model, str(scan), "--out", str(out), "--overwrite",
+               "--device", "cpu"]
+    if weights:
+        command += ["--weights", weights]
+    proc = subprocess.run([sys.executable, "-c", _MEASURE, *command], capture_output=True, text=True, timeout=timeout)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    viewer = out / f"{scan.stem}_view.html"
+    result["viewer"] = viewer.stat().st_size if viewer.is_file() else 0
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pilatus", type=int, nargs="*", default=[100, 1000], help="Pilatus 100K scan lengths")
+    parser.add_argument("--eiger", type=int, nargs="*", default=[20, 200], help="Eiger 4M scan lengths")
+    parser.add_argument("--models", nargs="+", default=["classical", "joint"], help="classical and/or joint")
+    parser.add_argument("--weights", default=None, help="folder with tlm/sslm.safetensors for the joint rows")
+    parser.add_argument("--work", type=Path, default=Path("benchmark-scale"), help="scans and outputs (reused)")
+    parser.add_argument("--seed", type=int, default=3)
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds one prediction may take")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+    shipped = Path(__file__).resolve().parents[1] / "weights"
+    weights_dir = Path(args.weights) if args.weights else shipped
+    has_weights = any(weights_dir.glob("*.safetensors"))
+    rows, skipped = [], []
+    configs = [("pilatus", n) for n in args.pilatus] + [("eiger", n) for n in args.eiger]
+    for model in args.models:
+        if model == "joint" and not has_weights:
+            skipped.append(f"joint: skipped, no trained weights in {weights_dir} (none are shipped yet; "
+                           "pass --weights FOLDER)")
+            continue
+        for detector, frames in configs:
+            scan = make_scan(args.work, detector, frames, args.seed)
+            out = args.work / "out" / f"{model}_{scan.stem}"
+            try:
+                res = measure(scan, out, model, args.weights if model == "joint" else None, args.timeout)
+            except subprocess.TimeoutExpired:
+                skipped.append(f"{model} {detector} {frames}: over --timeout {args.timeout:.0f} s")
+                continue
+            if res["rc"] != 0:
+                skipped.append(f"{model} {detector} {frames}: failed (exit {res['rc']}): {res['tail']}")
+                continue
+            rows.append([f"{DETECTORS[detector]} ({model})", frames, res["wall"], frames / res["wall"],
+                         res["rss"] / 1e9, res["viewer"] / 1e6])
+            print(f"  {rows[-1][0]:26s} {frames:5d} frames  {res['wall']:7.1f} s  {res['rss'] / 1e9:5.2f} GB",
+                  file=sys.stderr, flush=True)
+    print(text_table(["scan", "frames", "wall s", "frames/s", "peak RSS GB", "viewer MB"], rows))
+    for line in skipped:
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
