@@ -379,6 +379,16 @@ class ScanResult:
     def __len__(self) -> int:
         return len(self.frames)
 
+    def __repr__(self) -> str:
+        # A summary, not every frame: the dataclass default prints each instance of a long scan.
+        numbers = self.frame_numbers
+        held = f"frames {numbers[0]}-{numbers[-1]}" if len(numbers) else "no frames"
+        counts = {model: sum(len(inst) for inst in self.instances(model)) for model in self.models_present()}
+        found = ", ".join(f"{model}: {n}" for model, n in counts.items()) or "none"
+        scan = Path(self.scan_path).name if self.scan_path else "array"
+        return (f"ScanResult({scan}, {len(self)} {held}, axis {self.axis_name!r}, "
+                f"{self.frame_shape[0]}x{self.frame_shape[1]} px, instances {found})")
+
     def __getitem__(self, frame: int) -> ImageResult:
         return self.frames[frame]
 

@@ -83,3 +83,10 @@ def test_held_frames_of_a_per_frame_or_whole_scan_stack():
     short = _result((1, 3, 4), np.linspace(0.0, 0.3, 4))  # the axis stops before frame 4
     assert short.held_axis_values() is None
     assert short.counts()["eta"] == [None, None, None]
+
+
+def test_repr_of_a_scan_result_is_a_summary_not_every_frame():
+    result = _result(tuple(range(0, 400, 2)), np.linspace(10.0, 20.0, 400))
+    text = repr(result)
+    assert text.startswith("ScanResult(") and "200 frames 0-398" in text and "'eta'" in text
+    assert len(text) < 200 and "ImageResult" not in text
