@@ -225,7 +225,10 @@ def fuse_instances(
        the union of its confirming SSLM components (classical peaks) cut to the instance dilated
        by ``refine_margin`` pixels: clustering and background-subtracted thresholds draw
        pixel-exact edges where the TLM's 28 x 28 mask head is coarse, and the cut keeps two
-       instances that share one component apart. If the cut is empty the TLM mask stays.
+       instances that share one component apart. If the cut is empty the TLM mask stays. When
+       both kinds refine an instance, the classical peaks' edges win: a threshold on
+       background-subtracted counts follows the peak's own pixels, where the SSLM's components
+       spread into the halo (a union of the two would take the larger of each edge).
     4. With ``add_unmatched_ssl`` (``add_unmatched_classical``), evidence that confirms no
        instance is added as an instance of its own (source 2, or 4) when its score is >=
        ``ssl_min_score`` (``classical_min_score``) and its area is >= ``ssl_min_area``
@@ -273,8 +276,9 @@ def fuse_instances(
     scores = tlm_scores.astype(np.float64)
     sources = np.full(len(tlm_masks), _flag("tlm"), np.uint8)
     confirmed = np.zeros(len(tlm_masks), bool)
-    refine_with = np.zeros(tlm_masks.shape, bool) if len(tlm_masks) else tlm_masks.copy()
-    for ev in evidence:
+    structure = ndimage.generate_binary_structure(2, 2)
+    reach: dict[int, np.ndarray] = {}  # instance -> its mask dilated by refine_margin (computed once)
+    for ev in evidence:  # the SSLM first, then the classical finder: the later kind's edges win
         ev.confirms = _confirmations(tlm_masks, tlm_area, ev.masks, match_iou)  # (N, M)
         hit = ev.confirms.any(axis=1)
         if hit.any():
@@ -283,16 +287,13 @@ def fuse_instances(
             sources[hit] |= ev.flag
             if ev.refine:
                 for i in np.flatnonzero(hit):
-                    refine_with[i] |= ev.masks[ev.confirms[i]].any(axis=0)
+                    if i not in reach:
+                        reach[i] = ndimage.binary_dilation(tlm_masks[i], structure=structure,
+                                                           iterations=refine_margin) if refine_margin > 0 else tlm_masks[i]
+                    refined = ev.masks[ev.confirms[i]].any(axis=0) & reach[i]
+                    if refined.any():
+                        masks[i] = refined
         confirmed |= hit
-    if refine_with.any():
-        structure = ndimage.generate_binary_structure(2, 2)
-        for i in np.flatnonzero(refine_with.any(axis=(1, 2))):
-            reach = ndimage.binary_dilation(tlm_masks[i], structure=structure, iterations=max(refine_margin, 0)) \
-                if refine_margin > 0 else tlm_masks[i]
-            refined = refine_with[i] & reach
-            if refined.any():
-                masks[i] = refined
 
     kept_tlm = confirmed | (tlm_scores >= tlm_min_score)
     masks, scores, sources = masks[kept_tlm], scores[kept_tlm], sources[kept_tlm]

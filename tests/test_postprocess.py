@@ -251,3 +251,19 @@ def test_fuse_instances_agreeing_evidence_makes_a_two_of_three_vote():
     # evidence that confirmed a TLM instance is not reused for an agreement
     masks, _, sources = fuse_instances(s0[None], np.array([0.9]), sm, ss, add_agreeing_evidence=True, **vote)
     np.testing.assert_array_equal(sources, [SOURCE_TLM | SOURCE_SSL | SOURCE_CLASSICAL])
+
+
+def test_fuse_instances_classical_edges_win_over_ssl_edges():
+    shape = (30, 30)
+    tlm = box_mask(slice(5, 15), slice(5, 15), shape)
+    ssl = box_mask(slice(4, 16), slice(4, 16), shape)        # spreads into the halo
+    classical = box_mask(slice(7, 13), slice(7, 13), shape)  # the peak's own pixels
+    both = dict(refine_with_ssl=True, refine_with_classical=True, refine_margin=2, add_unmatched_ssl=False,
+                classical_masks=classical[None], classical_scores=np.array([0.9]))
+    masks, _, sources = fuse_instances(tlm[None], np.array([0.8]), ssl[None], np.array([0.9]), **both)
+    np.testing.assert_array_equal(masks[0], classical)
+    assert sources[0] == SOURCE_TLM | SOURCE_SSL | SOURCE_CLASSICAL
+    # with the SSLM's edges only, the instance takes them, cut to the TLM mask dilated by 2
+    masks, _, _ = fuse_instances(tlm[None], np.array([0.8]), ssl[None], np.array([0.9]),
+                                 **{**both, "refine_with_classical": False})
+    np.testing.assert_array_equal(masks[0], ssl)
