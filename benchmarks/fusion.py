@@ -30,6 +30,7 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import build_test_set  # noqa: E402
@@ -50,12 +51,21 @@ TLM_MIN_SCORES = (0.0, 0.9, 1.01)
 SSL_MINIMA = ((0.5, 50), (0.9, 0), (1.01, 0))
 #: None: TLM masks as they are; else confirmed instances take SSLM (or classical) edges this far around them.
 REFINE_MARGINS = (None, 2)
-#: How the classical finder joins: None (not at all), or (min score of an added classical-only peak
-#: (above 1: none added), whether confirmed instances take its pixel edges, whether an SSLM
-#: component and a classical peak that agree join without the TLM: with the lone-instance rules
-#: off, that last one makes `joint` a two-of-three vote, PredictorSettings.fusion_add_agreeing).
-CLASSICAL_MODES = (None, (1.01, False, False), (0.5, False, False), (0.75, False, False), (0.75, True, False),
-                   (1.01, True, True), (0.9, True, True))
+
+
+class ClassicalMode(NamedTuple):
+    """How the classical finder joins `joint` (with the lone-instance rules off, ``agree`` makes
+    `joint` a two-of-three vote: PredictorSettings.fusion_add_agreeing)."""
+
+    min_score: float  # of an added classical-only peak; above 1: none added
+    edges: bool       # confirmed instances take the classical pixel edges
+    agree: bool       # an agreeing SSLM component + classical peak join without the TLM (the vote)
+
+
+#: None: the classical finder does not join at all.
+CLASSICAL_MODES = (None, ClassicalMode(1.01, False, False), ClassicalMode(0.5, False, False),
+                   ClassicalMode(0.75, False, False), ClassicalMode(0.75, True, False),
+                   ClassicalMode(1.01, True, True), ClassicalMode(0.9, True, True))
 
 
 def make_rules(defaults) -> dict:
@@ -63,12 +73,12 @@ def make_rules(defaults) -> dict:
     rules = {"default": defaults}
     grid = itertools.product(THRESHOLDS, TLM_MIN_SCORES, SSL_MINIMA, REFINE_MARGINS, CLASSICAL_MODES)
     for threshold, tlm_min, (ssl_min, ssl_area), margin, classical in grid:
-        if classical is not None and classical[1] and margin is None:
+        if classical is not None and classical.edges and margin is None:
             continue  # classical edges need a refine margin
         ssl_rule = f"{ssl_min},{ssl_area}px" if ssl_min <= 1 else "never"
         cl_rule = "no" if classical is None else (
-            ("vote+" if classical[2] else "") + ("confirm" if classical[0] > 1 else f"add>={classical[0]}")
-            + ("+edges" if classical[1] else ""))
+            ("vote+" if classical.agree else "") + ("confirm" if classical.min_score > 1 else f"add>={classical.min_score}")
+            + ("+edges" if classical.edges else ""))
         name = (f"t={threshold} tlm>={tlm_min if tlm_min <= 1 else 'never'} ssl>={ssl_rule} "
                 f"refine={'no' if margin is None else margin} cl={cl_rule}")
         rules[name] = replace(defaults, threshold=threshold, fusion_tlm_min_score=tlm_min,
@@ -76,10 +86,10 @@ def make_rules(defaults) -> dict:
                               fusion_ssl_min_area=ssl_area, fusion_add_unmatched_ssl=ssl_min <= 1,
                               fusion_refine_with_ssl=margin is not None, fusion_refine_margin=margin or 0,
                               fusion_classical=classical is not None,
-                              fusion_classical_min_score=min(classical[0], 1.0) if classical else 0.5,
-                              fusion_add_unmatched_classical=bool(classical and classical[0] <= 1),
-                              fusion_refine_with_classical=bool(classical and classical[1]),
-                              fusion_add_agreeing=bool(classical and classical[2]))
+                              fusion_classical_min_score=min(classical.min_score, 1.0) if classical else 0.5,
+                              fusion_add_unmatched_classical=bool(classical and classical.min_score <= 1),
+                              fusion_refine_with_classical=bool(classical and classical.edges),
+                              fusion_add_agreeing=bool(classical and classical.agree))
     return rules
 
 

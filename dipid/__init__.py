@@ -12,10 +12,9 @@ time a model module is used, in :mod:`dipid.models`)::
 
 from __future__ import annotations
 
-import importlib
 import logging
-from typing import Any
 
+from dipid._lazy import lazy_exports
 from dipid.errors import *  # noqa: F403
 from dipid.errors import __all__ as _error_names
 
@@ -39,12 +38,4 @@ _LAZY = {
 
 __all__ = ["__version__", *_error_names, *_LAZY]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'dipid' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, extra_dir=["__version__", *_error_names])

@@ -205,7 +205,11 @@ class PeakLinker:
         return labels
 
     def _ids(self, local: np.ndarray, offset: int) -> np.ndarray:
-        return np.where(local > 0, local.astype(np.int64) + offset, 0).astype(np.int32)
+        # In place on one int32 copy (add() keeps every id below the int32 maximum): this runs on
+        # every slice, three times per frame of a scan, and a 4-megapixel frame is 17 MB of int32.
+        ids = local.astype(np.int32)
+        np.add(ids, offset, out=ids, where=ids > 0)
+        return ids
 
     def add(self, labels: np.ndarray, frame_number: int | None = None) -> None:
         """Add the next slice: (H, W) bool peak mask or integer instance labels (0 = none).

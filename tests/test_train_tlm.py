@@ -304,19 +304,23 @@ SCRATCH = {**FAST, "optimizer": "adamw", "schedule": "cosine", "ema_decay": 0.99
            "crops_per_frame": 2, "batch_size": 2, "steps_per_epoch": 2}
 
 
-@pytest.fixture(scope="module")
-def scratch_runs(data, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("scratch")
-    straight = train_tlm(train=data["train"], val=data["val"], out=folder / "straight", epochs=2, seed=5, **SCRATCH)
+def _stop_in_epoch_2(data, out, *, seed: int, **options) -> None:
+    """A 2-epoch run stopped by Ctrl-C in epoch 2 (not a 1-epoch run: the cosine schedule spans
+    all the epochs asked for), leaving epoch 1 in ``out``."""
 
     def interrupt(event):
         if event.kind == "step" and event.epoch == 2:
             raise KeyboardInterrupt
 
-    # Stopped in epoch 2 (not a 1-epoch run: the cosine schedule spans all the epochs asked for).
     with pytest.raises(TrainingError):
-        train_tlm(train=data["train"], val=data["val"], out=folder / "resumed", epochs=2, seed=5, callback=interrupt,
-                  **SCRATCH)
+        train_tlm(train=data["train"], val=data["val"], out=out, epochs=2, seed=seed, callback=interrupt, **options)
+
+
+@pytest.fixture(scope="module")
+def scratch_runs(data, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("scratch")
+    straight = train_tlm(train=data["train"], val=data["val"], out=folder / "straight", epochs=2, seed=5, **SCRATCH)
+    _stop_in_epoch_2(data, folder / "resumed", seed=5, **SCRATCH)
     resumed = train_tlm(train=data["train"], val=data["val"], out=folder / "resumed", epochs=2, seed=5, resume=True,
                         **SCRATCH)
     return folder, straight, resumed
@@ -355,14 +359,7 @@ def test_fine_tuning_from_a_checkpoint_resumes_with_its_frozen_batchnorm(straigh
     default_norm = {k: v for k, v in SCRATCH["model_options"].items() if k != "batchnorm"}
     options = {**SCRATCH, "base_weights": base, "freeze": "none", "model_options": default_norm}
     straight = train_tlm(train=data["train"], val=data["val"], out=tmp_path / "straight", epochs=2, seed=7, **options)
-
-    def interrupt(event):
-        if event.kind == "step" and event.epoch == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(TrainingError):
-        train_tlm(train=data["train"], val=data["val"], out=tmp_path / "resumed", epochs=2, seed=7, callback=interrupt,
-                  **options)
+    _stop_in_epoch_2(data, tmp_path / "resumed", seed=7, **options)
     with caplog.at_level(logging.WARNING, logger="dipid"):
         resumed = train_tlm(train=data["train"], val=data["val"], out=tmp_path / "resumed", epochs=2, seed=7,
                             resume=True, **options)

@@ -19,8 +19,7 @@ plotly.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from dipid._lazy import lazy_exports
 
 _EXPORTS = {
     "PALETTE": "geometry",
@@ -49,11 +48,5 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*__all__, "geometry", "figures", "viewer", "page"])
+__getattr__, __dir__ = lazy_exports(__name__, {name: f"{__name__}.{part}" for name, part in _EXPORTS.items()},
+                                    extra_dir=["geometry", "figures", "viewer", "page"])
