@@ -299,7 +299,9 @@ class JointPredictor:
         """predict_frames with the models to run already resolved: (B, H, W) counts -> B results."""
         batch, height, width = counts_t.shape
         shape = (height, width)
-        if max(height, width) > self.settings.tile_size:
+        # Only the networks need tiles (their memory grows with the image); the classical finder
+        # is whole-frame NumPy and runs on whole frames (see _predict_tiled).
+        if max(height, width) > self.settings.tile_size and ("tlm" in run or "ssl" in run):
             return [
                 self._predict_tiled(counts_t[b].cpu().numpy(), None if bad_pixels is None else np.asarray(bad_pixels[b]),
                                     frame_numbers[b], run, keep_probability=keep_probability)
@@ -392,8 +394,11 @@ class JointPredictor:
         self, counts: np.ndarray, bad: np.ndarray | None, frame: int | None, run: tuple[str, ...], *,
         keep_probability: bool,
     ) -> ImageResult:
-        """One large frame (H, W) in overlapping tiles; instances merged across tile borders."""
+        """One large frame (H, W): the networks in overlapping tiles, instances merged across tile
+        borders; the reported classical peaks found on the whole frame."""
         shape = counts.shape
+        whole_frame_classical = "classical" in run
+        run = tuple(name for name in run if name != "classical")
         tiles = tile_grid(shape, tile=self.settings.tile_size, overlap=self.settings.tile_overlap)
         found: dict[str, list[Instances]] = {"tlm": [], "ssl": [], "joint": [], "classical": []}
         probability = np.zeros(shape, np.float32) if "ssl" in run and keep_probability else None
@@ -415,6 +420,11 @@ class JointPredictor:
                 for k, v in res.timings.items():
                     timings[k] = timings.get(k, 0.0) + v
         merged = {k: merge_tiled_instances(v, shape) if v else None for k, v in found.items()}
+        if whole_frame_classical:
+            t0 = time.perf_counter()
+            whole = self.classical(counts[None], None if bad is None else bad[None])[0]
+            merged["classical"] = classical_instances(whole)
+            timings["classical"] = time.perf_counter() - t0
         ssl = None
         if merged["ssl"] is not None:
             ssl = SSLOutput(probability=probability, mask=merged["ssl"].union_mask(), instances=merged["ssl"])

@@ -118,33 +118,37 @@ def _cross_frame_offsets(connectivity: int) -> list[tuple[int, int]]:
 
 
 def _touching_pairs(
-    earlier: np.ndarray, later: np.ndarray, offsets: Sequence[tuple[int, int]]
+    earlier: tuple[np.ndarray, np.ndarray], later: tuple[np.ndarray, np.ndarray], frame_shape: tuple[int, int],
+    offsets: Sequence[tuple[int, int]],
 ) -> tuple[np.ndarray, np.ndarray]:
     """Instance pairs (a in ``earlier``, b in ``later``) that touch, and how many of a's pixels touch b.
 
     Args:
-        earlier, later: (H, W) int instance ids of two slices (0 = none).
+        earlier, later: the labelled pixels of two slices of ``frame_shape`` (H, W): (P,) int64
+            flat pixel indices, ascending, and (P,) int64 instance ids. Only these are visited:
+            peaks cover a small part of a detector frame, and whole-frame comparisons of two
+            4-megapixel id images cost several times more, on every frame of a scan.
         offsets: the (drow, dcol) by which a pixel of ``earlier`` reaches ``later``.
     Returns:
         (2, P) int64 instance id pairs and (P,) int64 touching-pixel counts.
     """
-    height, width = earlier.shape
+    height, width = frame_shape
+    (a_flat, a_ids), (b_flat, b_ids) = earlier, later
+    a_rows, a_cols = np.divmod(a_flat, width)
     rows = []
     for drow, dcol in offsets:
-        r0, r1 = max(0, -drow), height - max(0, drow)
-        c0, c1 = max(0, -dcol), width - max(0, dcol)
-        a = earlier[r0:r1, c0:c1]
-        b = later[r0 + drow:r1 + drow, c0 + dcol:c1 + dcol]
-        both = (a > 0) & (b > 0)
-        r, c = np.nonzero(both)
-        pixel = (r.astype(np.int64) + r0) * width + c + c0
-        rows.append(np.stack([pixel, a[both].astype(np.int64), b[both].astype(np.int64)]))
+        r, c = a_rows + drow, a_cols + dcol
+        source = np.flatnonzero((r >= 0) & (r < height) & (c >= 0) & (c < width))
+        target = a_flat[source] + (drow * width + dcol)  # ascending, as a_flat is
+        at = np.minimum(np.searchsorted(b_flat, target), max(b_flat.size - 1, 0))
+        hit = b_flat[at] == target if b_flat.size else np.zeros(target.size, bool)
+        rows.append(np.stack([a_flat[source[hit]], a_ids[source[hit]], b_ids[at[hit]]]))
     if not rows:
         return np.zeros((2, 0), np.int64), np.zeros(0, np.int64)
     triples = np.concatenate(rows, axis=1)
     if len(rows) > 1:  # a pixel of a touching b through several diagonal neighbours counts once
         triples = np.unique(triples, axis=1)
-    base = int(max(earlier.max(initial=0), later.max(initial=0))) + 1
+    base = int(max(a_ids.max(initial=0), b_ids.max(initial=0))) + 1
     keys, touching = np.unique(triples[1] * base + triples[2], return_counts=True)
     return np.stack([keys // base, keys % base]), touching
 
@@ -179,8 +183,9 @@ class PeakLinker:
         self.max_gap, self.connectivity, self.min_overlap = max_gap, connectivity, min_overlap
         self._plane = ndimage.generate_binary_structure(2, min(connectivity, 2))
         self._cross = _cross_frame_offsets(connectivity)
-        #: the last max_gap + 1 slices: (frame number, ids (H, W) int32 or None when empty, offset, areas)
-        self._window: list[tuple[int, np.ndarray | None, int, np.ndarray]] = []
+        #: the last max_gap + 1 slices: (frame number, labelled pixels (flat indices, ids) or None
+        #: when empty, offset, areas)
+        self._window: list[tuple[int, tuple[np.ndarray, np.ndarray] | None, int, np.ndarray]] = []
         self._frames: list[int] = []
         self._offsets: list[int] = []
         self._areas: list[np.ndarray] = []
@@ -204,13 +209,6 @@ class PeakLinker:
             raise ValueError("instance label volume has negative labels; 0 is background, 1.. are instances")
         return labels
 
-    def _ids(self, local: np.ndarray, offset: int) -> np.ndarray:
-        # In place on one int32 copy (add() keeps every id below the int32 maximum): this runs on
-        # every slice, three times per frame of a scan, and a 4-megapixel frame is 17 MB of int32.
-        ids = local.astype(np.int32)
-        np.add(ids, offset, out=ids, where=ids > 0)
-        return ids
-
     def add(self, labels: np.ndarray, frame_number: int | None = None) -> None:
         """Add the next slice: (H, W) bool peak mask or integer instance labels (0 = none).
 
@@ -222,14 +220,17 @@ class PeakLinker:
         frame = len(self._frames) if frame_number is None else int(frame_number)
         if self._frames and frame <= self._frames[-1]:
             raise ValueError(f"frame numbers must be strictly ascending: {frame} after {self._frames[-1]}")
-        n_local = int(local.max(initial=0))
+        # The slice as its labelled pixels (flat index, local label): the rest is background
+        pixels = np.flatnonzero(local.ravel() != 0)
+        local_ids = local.ravel()[pixels].astype(np.int64)
+        n_local = int(local_ids.max(initial=0))
         if self.n_ids + n_local >= np.iinfo(np.int32).max:
             raise ValueError("too many instances to number with int32")
         self._frames.append(frame)
         self._offsets.append(self.n_ids)
-        area = np.bincount(local.ravel(), minlength=n_local + 1)[1:].astype(np.int64)
+        area = np.bincount(local_ids, minlength=n_local + 1)[1:].astype(np.int64)
         self._areas.append(area)
-        current = self._ids(local, self.n_ids) if n_local else None
+        current = (pixels, local_ids + self.n_ids) if n_local else None
         if current is not None:
             for prev_frame, prev, prev_offset, prev_area in self._window:
                 distance = frame - prev_frame
@@ -237,7 +238,7 @@ class PeakLinker:
                     continue
                 # one frame apart: the connectivity's cross-frame neighbours; a bridged gap: the same pixel
                 offsets = self._cross if distance == 1 else [(0, 0)]
-                pairs, touching = _touching_pairs(prev, current, offsets)
+                pairs, touching = _touching_pairs(prev, current, local.shape, offsets)
                 smaller = np.minimum(prev_area[pairs[0] - prev_offset - 1], area[pairs[1] - self.n_ids - 1])
                 keep = touching >= self.min_overlap * smaller
                 self._links.append(pairs[:, keep])
@@ -285,7 +286,13 @@ class PeakLinker:
         that were added for it."""
         if self._id_to_peak is None:
             raise RuntimeError("PeakLinker.peak_frame before finish()")
-        return self._id_to_peak[self._ids(self._local(labels), self._offsets[k])]
+        local = self._local(labels)
+        # Only the labelled pixels are looked up (a small part of a detector frame): a gather over
+        # all 4 million pixels of an Eiger frame costs several times more, on every frame read.
+        where = np.flatnonzero(local.ravel() != 0)  # of a bool image: several times faster than of the ints
+        peaks = np.zeros(local.shape, dtype=np.int32)
+        peaks.ravel()[where] = self._id_to_peak[local.ravel()[where].astype(np.int64) + self._offsets[k]]
+        return peaks
 
     def peak_labels(self, label_of: Callable[[int], np.ndarray], frame_shape: tuple[int, int]) -> FrameStack:
         """The (F, H, W) 3D peak labels as a :class:`FrameStack` (after :meth:`finish`): slice k
@@ -451,7 +458,7 @@ def _ring_background(
     ring = near & (crop == 0) & good[rows, cols]
     if not ring.any():
         return None
-    return float(np.median(counts[rows, cols][ring]))
+    return float(np.median(counts[rows, cols][ring].astype(np.float64)))  # float32 frames: as exact as before
 
 
 def peaks_table(
@@ -535,17 +542,22 @@ def peaks_table(
     score_frames = _frame_values(scores, n_frames, "scores")
     source_frames = _frame_values(sources, n_frames, "sources")
     bad_frames = _frame_values(bad_pixels, n_frames, "bad_pixels")
-    rows_grid, cols_grid = np.indices((height, width))
-
     for k in range(n_frames):
         frame_counts, frame_bad = next(count_frames)
         score_map, source_map, extra_bad = next(score_frames), next(source_frames), next(bad_frames)
         label = labels[k]
-        area = np.bincount(label.ravel(), minlength=size)
+        # The peaks' pixels as flat indices, found once: boolean indexing of a 4-megapixel frame
+        # costs as much as this search, and every per-voxel sum below needs only these pixels.
+        footprint = np.flatnonzero(label.ravel() > 0)
+        peak_of = label.ravel()[footprint]
+        area = np.bincount(peak_of, minlength=size)
         present = np.flatnonzero(area[1:]) + 1
         if present.size == 0:
             continue
-        values = np.asarray(frame_counts, dtype=np.float64)
+        values = np.asarray(frame_counts)  # as read (float32 filled, or stored integers)
+        if values.dtype.kind not in "iuf":
+            values = values.astype(np.float64)
+        # only the peaks' pixels and their background rings are taken, as float64, below
         if values.shape != (height, width):
             raise ScanShapeError(f"counts frame {k} has shape {values.shape}; the peak labels have {(height, width)}")
         bad = ~np.isfinite(values) | (values < 0)
@@ -554,35 +566,41 @@ def peaks_table(
                 bad |= np.asarray(mask, dtype=bool)
         good = ~bad
 
+        # Each present peak's box in this frame, from its pixels (find_objects would scan the
+        # frame and list every peak of the scan, present or not, on every frame).
+        rows_fp, cols_fp = np.divmod(footprint, width)
+        order = np.argsort(peak_of, kind="stable")
+        starts = np.flatnonzero(np.r_[True, np.diff(peak_of[order]) != 0])  # one run per present peak
+        top, bottom = np.minimum.reduceat(rows_fp[order], starts), np.maximum.reduceat(rows_fp[order], starts) + 1
+        left, right = np.minimum.reduceat(cols_fp[order], starts), np.maximum.reduceat(cols_fp[order], starts) + 1
+
         background = np.zeros(size)
         frame_level: float | None = None
-        where = ndimage.find_objects(label, max_label=n)
-        for peak in present:
-            box = where[peak - 1]
-            level = _ring_background(label, values, good, int(peak), box, background_annulus)
+        for i, peak in enumerate(present.tolist()):
+            box = (slice(int(top[i]), int(bottom[i])), slice(int(left[i]), int(right[i])))
+            level = _ring_background(label, values, good, peak, box, background_annulus)
             if level is None:
                 if frame_level is None:
                     free = good & (label == 0)
-                    frame_level = float(np.median(values[free])) if free.any() else 0.0
+                    frame_level = float(np.median(values[free].astype(np.float64))) if free.any() else 0.0
                 level = frame_level
             background[peak] = level
-            row0[peak] = min(row0[peak], box[0].start)
-            row1[peak] = max(row1[peak], box[0].stop)
-            col0[peak] = min(col0[peak], box[1].start)
-            col1[peak] = max(col1[peak], box[1].stop)
+        row0[present] = np.minimum(row0[present], top)
+        row1[present] = np.maximum(row1[present], bottom)
+        col0[present] = np.minimum(col0[present], left)
+        col1[present] = np.maximum(col1[present], right)
         first[present] = np.minimum(first[present], k)
         last[present] = k
 
-        footprint = label > 0
-        peak_of = label[footprint]
         voxels += area
         sum_k += area * k
-        sum_r += np.bincount(peak_of, weights=rows_grid[footprint], minlength=size)
-        sum_c += np.bincount(peak_of, weights=cols_grid[footprint], minlength=size)
+        sum_r += np.bincount(peak_of, weights=rows_fp, minlength=size)
+        sum_c += np.bincount(peak_of, weights=cols_fp, minlength=size)
 
-        good_fp = footprint & good
-        peak_good = label[good_fp]
-        net = values[good_fp] - background[peak_good]
+        good_fp = good.ravel()[footprint]
+        peak_good = peak_of[good_fp]
+        good_values = values.ravel()[footprint[good_fp]].astype(np.float64)
+        net = good_values - background[peak_good]
         n_good = np.bincount(peak_good, minlength=size)
         good_voxels += n_good
         intensity += np.bincount(peak_good, weights=net, minlength=size)
@@ -591,18 +609,18 @@ def peaks_table(
         frame_w = np.bincount(peak_good, weights=weight, minlength=size)
         sum_w += frame_w
         sum_wk += frame_w * k
-        sum_wr += np.bincount(peak_good, weights=weight * rows_grid[good_fp], minlength=size)
-        sum_wc += np.bincount(peak_good, weights=weight * cols_grid[good_fp], minlength=size)
+        sum_wr += np.bincount(peak_good, weights=weight * rows_fp[good_fp], minlength=size)
+        sum_wc += np.bincount(peak_good, weights=weight * cols_fp[good_fp], minlength=size)
         if peak_good.size:
             frame_max = np.full(size, -np.inf)
-            np.maximum.at(frame_max, peak_good, values[good_fp])
+            np.maximum.at(frame_max, peak_good, good_values)
             np.maximum(max_counts, frame_max, out=max_counts)
         if score_map is not None:
             frame_score = np.full(size, -np.inf)
-            np.maximum.at(frame_score, peak_of, np.asarray(score_map, np.float64)[footprint])
+            np.maximum.at(frame_score, peak_of, np.asarray(score_map).ravel()[footprint].astype(np.float64))
             np.maximum(best_score, frame_score, out=best_score)
         if source_map is not None:
-            voxel_flags = np.asarray(source_map).astype(np.uint8)[footprint]
+            voxel_flags = np.asarray(source_map).ravel()[footprint].astype(np.uint8)
             for bit in SOURCE_FLAGS.values():
                 has = np.bincount(peak_of, weights=(voxel_flags & bit) > 0, minlength=size) > 0
                 flags[has] |= np.uint8(bit)
@@ -739,9 +757,16 @@ def _consecutive_runs(numbers: np.ndarray) -> list[tuple[int, int]]:
     return [(int(run[0]), int(run[-1]) + 1) for run in np.split(numbers, breaks)]
 
 
-def _scan_frames(scan: "Scan", frame_numbers: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield (filled counts (H, W) float32, bad (H, W) bool) of ``frame_numbers`` from an open scan."""
+def _scan_frames(scan: "Scan", frame_numbers: np.ndarray, batch_size: int, *, raw: bool = False
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """Yield (filled counts (H, W) float32, bad (H, W) bool) of ``frame_numbers`` from an open scan;
+    ``raw``: (counts as stored, None), for a caller that has the bad pixels already and never
+    looks at them (filling them is a third of the cost of reading an Eiger frame)."""
     for start, stop in _consecutive_runs(frame_numbers):
+        if raw:
+            for first in range(start, stop, batch_size):
+                yield from ((frame, None) for frame in scan.read_raw(first, min(first + batch_size, stop)))
+            continue
         for batch in scan.iter_frames(start, stop, batch_size):
             for b in range(len(batch.frames)):
                 yield batch.frames[b], batch.bad_pixels[b]
@@ -841,7 +866,10 @@ def scan_peaks(
         else:  # re-read a batch at a time; a scan opened here is closed when the table is done
             if scan is None:
                 scan = opened.enter_context(_open_source_scan(result, "scan_peaks / ScanResult.peaks"))
-            source = _scan_frames(scan, frame_numbers, batch_size)
+            # every frame's bad pixels known (as predict_scan keeps them): the table ignores
+            # them, so the stored counts serve as well as the filled ones
+            source = _scan_frames(scan, frame_numbers, batch_size,
+                                  raw=all(frame.bad_pixels is not None for frame in held))
         table = peaks_table(
             labels, source,
             frame_numbers=frame_numbers, axis_values=result.axis_values if len(result.axis_values) else None,

@@ -142,36 +142,6 @@ def test_from_pretrained_reads_tuned_settings(tmp_path):
         JointPredictor.from_pretrained(tmp_path)
 
 
-def test_large_frame_tiles_merge_peaks_on_borders():
-    """An Eiger-sized frame is tiled; peaks sitting on tile borders come back whole, once."""
-    from dipid.tiling import tile_grid
-
-    rng = np.random.default_rng(0)
-    h, w = 1100, 1000
-    frame = rng.poisson(2.0, (h, w)).astype(np.float32)
-    settings = PredictorSettings(tile_size=512, tile_overlap=64)
-    tiles = tile_grid((h, w), tile=512, overlap=64)
-    assert len(tiles) > 1
-    # peaks centred on the vertical and horizontal cut lines of the grid, one bigger than the overlap
-    centres = [(200, tiles[0].x1 - 32, 6), (tiles[0].y1 - 30, 300, 6), (700, tiles[1].x1 - 20, 45)]
-    yy, xx = np.mgrid[0:h, 0:w]
-    for r, c, sigma in centres:
-        frame += 3000 * np.exp(-((yy - r) ** 2 + (xx - c) ** 2) / (2 * sigma**2))
-    tiled = JointPredictor(device="cpu", settings=settings).predict_one_image(frame, models="classical")
-    whole = JointPredictor(device="cpu", settings=PredictorSettings(tile_size=4096)).predict_one_image(
-        frame, models="classical")
-    found = tiled.classical
-    assert len(found) == len(whole.classical) == 3
-    cents = found.centroids()
-    for r, c, _ in centres:
-        assert np.min(np.hypot(cents[:, 0] - r, cents[:, 1] - c)) < 3
-    # the merged masks equal those of the untiled frame up to a thin border effect
-    from dipid.metrics import mask_iou_matrix
-
-    iou = mask_iou_matrix(found.masks, whole.classical.masks)
-    assert np.all(iou.max(axis=1) > 0.9)
-
-
 def test_classical_finder_as_third_source_of_joint(predictor, sim_scan):
     """fusion_classical: joint takes classical peaks (flag 4) as evidence, reported only when asked for."""
     from dataclasses import replace

@@ -24,7 +24,7 @@ from __future__ import annotations
 import html
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,7 @@ from dipid.viz.geometry import (
     label_outlines,
     robust_maximum,
 )
-from dipid.viz.page import _html_page
+from dipid.viz.page import _html_page, packed_size, page_overhead
 
 __all__ = ["build_viewer", "write_viewer", "view_scan_result", "view_results_file"]
 
@@ -72,6 +72,9 @@ _ANIMATE_NOW = {"mode": "immediate", "frame": {"duration": 0, "redraw": True}, "
 
 #: write_viewer stops shrinking the frame images here (8x8 blocks: peaks are still visible).
 _MAX_IMAGE_SHRINK = 8
+#: build_viewer's defaults for the frames shown and the images' budget before compression.
+_MAX_FRAMES = 121
+_MAX_IMAGE_BYTES = 48_000_000
 
 
 def build_viewer(
@@ -84,9 +87,9 @@ def build_viewer(
     axis_values: np.ndarray | Sequence[float] | None = None,
     frame_numbers: np.ndarray | Sequence[int] | None = None,
     title: str = "dipid scan viewer",
-    max_frames: int = 121,
+    max_frames: int = _MAX_FRAMES,
     max_voxels: int = 60_000,
-    max_image_bytes: int = 48_000_000,
+    max_image_bytes: int = _MAX_IMAGE_BYTES,
     image_shrink: int | None = None,
     start_frame: int | None = None,
 ) -> go.Figure:
@@ -155,7 +158,10 @@ def build_viewer(
     default_model = "joint" if "joint" in models else models[0]
     start = _start_position(shown, frame_numbers, volumes[default_model], start_frame)
 
-    fig = go.Figure()
+    # Unvalidated: the traces are built here from checked arrays, and plotly's validation (a
+    # read-only copy of every array, a check of every table cell) took seconds on a long scan;
+    # the figure's JSON is the same either way (tested).
+    fig = go.Figure(_validate=False)
     _add_peak_voxels(fig, peak_label_volume, frame_numbers, axis_values, axis_label, max_voxels)
     _add_peak_centroids(fig, peaks, axis_label)
     image_index = len(fig.data)
@@ -176,6 +182,7 @@ def build_viewer(
             data=[image.trace(k, update_only=True),
                   *_frame_outline_traces(volumes, models, peak_label_volume, k, update_only=True)],
             traces=[image_index, *range(outline_start, outline_start + n_outline)],
+            _validate=False,  # see the figure's
         ))
     fig.frames = frames
 
@@ -241,20 +248,105 @@ class _CachedFrames:
         return frame
 
 
+#: A reduced page's slider frames are planned this much larger than estimated: the estimate is
+#: from below, and a page just over its budget would be built a second time.
+_PLAN_MARGIN = 0.05
+
+
+def _plan_reduction(counts: CountsSource, label_volumes: Mapping[str, np.ndarray], options: Mapping[str, Any],
+                    max_html_bytes: int) -> dict[str, int]:
+    """``image_shrink`` and ``max_frames`` for a compressed page of at most ``max_html_bytes``.
+
+    The page is plotly.js plus the gzipped figure, and on a large detector the figure is mostly
+    one slider frame (image and outlines) per shown frame: the middle shown frame is encoded and
+    gzipped as the page would be, at the smallest shrink the image budget allows and then larger
+    ones until the estimate fits; past the largest shrink, fewer frames are shown. The 3D view
+    and the table are counted at bytes per voxel and per peak below what they take (4 and 50,
+    against 7 and 88 on a 200-frame Eiger 4M page), so the estimate errs low: the page is never shrunk more
+    than the budget needs, and one that still comes out too large is built again by
+    :func:`write_viewer`. Cost: one more frame encoded, next to a build that reads and encodes
+    every shown frame.
+    """
+    volumes, (n_frames, height, width) = _check_volumes(label_volumes, options.get("peak_label_volume"), counts)
+    models = list(volumes)
+    max_frames = int(options.get("max_frames", _MAX_FRAMES))
+    shown = _even_indices(n_frames, max_frames)
+    k = int(shown[shown.size // 2])
+    default_labels = volumes["joint" if "joint" in volumes else models[0]]
+    peak_labels = options.get("peak_label_volume")
+    if peak_labels is None:  # build_viewer's stand-in peaks are per-frame regions much like these
+        peak_labels = default_labels
+    if counts is None:
+        frame, dtype, max_count = None, np.uint8, None
+    else:
+        # The image dtype depends on the largest count of all shown frames, which only the build
+        # reads: the first, middle and last one stand in (a dtype too small errs low).
+        samples = {int(shown[0]), k, int(shown[-1])}
+        max_count = max(max(float(np.nanmax(_counts_frame(counts, i), initial=0)) for i in samples), 1.0)
+        frame, dtype = _counts_frame(counts, k), _smallest_uint(max_count)
+    id_dtype = _smallest_uint(float(peak_labels.max(initial=0)))
+    ids = np.asarray(peak_labels[k])
+    mask = None if frame is not None else np.asarray(default_labels[k])
+    outlines = _frame_outline_traces(volumes, models, peak_labels, k, update_only=True)
+
+    def page_bytes(factor: int, frames: int) -> int:
+        z, binned_ids = _image_pixels(frame, mask, ids, factor, dtype=dtype, id_dtype=id_dtype, max_count=max_count)
+        slider_frame = go.Frame(data=[go.Heatmap(z=z, customdata=binned_ids, _validate=False), *outlines])
+        # an empty template: the default one would add kilobytes to every frame's share
+        per_frame[factor] = packed_size(go.Figure(frames=[slider_frame], layout=dict(template={})))
+        return fixed + (frames + 1) * per_frame[factor]  # +1: the figure's first image
+
+    table = options.get("peak_table")
+    n_peaks = len(next(iter(table.values()), [])) if table is not None and len(table) else 0
+    voxels = int(options.get("max_voxels", 60_000))
+    if table is not None and "voxels" in table:  # a peak's surface voxels are at most all of its voxels
+        voxels = min(voxels, int(np.sum(np.asarray(table["voxels"]))))
+    elif isinstance(peak_labels, np.ndarray):
+        voxels = min(voxels, int(np.count_nonzero(peak_labels)))
+    fixed, per_frame = page_overhead() + 4 * voxels + 50 * n_peaks, {}
+    bytes_per_pixel = np.dtype(dtype).itemsize + np.dtype(id_dtype).itemsize
+    factor = min(choose_downsample(shown.size, height, width, bytes_per_pixel,
+                                   int(options.get("max_image_bytes", _MAX_IMAGE_BYTES))), _MAX_IMAGE_SHRINK)
+    estimate = page_bytes(factor, shown.size)
+    if estimate <= max_html_bytes:
+        return {}  # build_viewer's own choice fits
+    # Reducing: the frames get a little less room than is left, as a page just over its budget
+    # would be built a second time.
+    room = (max_html_bytes - fixed) / (1 + _PLAN_MARGIN)
+    while estimate - fixed > room and factor < _MAX_IMAGE_SHRINK:
+        # the images' bytes fall about as the square of the shrink: jump to the one expected to fit
+        wanted = math.ceil(factor * math.sqrt((estimate - fixed) / max(room, 1)))
+        factor = min(max(wanted, factor + 1), _MAX_IMAGE_SHRINK)
+        estimate = page_bytes(factor, shown.size)
+    frames = shown.size
+    if estimate - fixed > room:
+        frames = min(max(int(room // max(per_frame[factor], 1)) - 1, _MIN_FRAMES_SHOWN),
+                     shown.size)
+    logger.info("viewer: planned %d of %d frames with images shrunk %dx (about %.2f MB a frame)",
+                frames, n_frames, factor, per_frame[factor] / 1e6)
+    return {"image_shrink": factor, "max_frames": frames}
+
+
 def write_viewer(path: str | Path, counts: CountsSource, label_volumes: Mapping[str, np.ndarray], *,
                  compress: bool | None = None, max_html_bytes: int = 15_000_000, **kwargs: Any) -> Path:
     """Build the viewer (arguments as :func:`build_viewer`) and write it as one standalone HTML file.
 
     Args:
         compress: as in :func:`save_html`.
-        max_html_bytes: when the page comes out larger (noisy frames compress less), the frame
-            images are shrunk one step further (block maxima) and the page built again; past
-            an 8x8 shrink, half as many frames are shown each time, down to 5.
+        max_html_bytes: the page's budget. Unless ``image_shrink`` is given, the shrink of the
+            frame images (block maxima, up to 8x8) and then the number of frames shown are chosen
+            before building, from one shown frame's share of the compressed page
+            (:func:`_plan_reduction`), so the page is built once in the common case. When it
+            still comes out larger, the frame images are shrunk one step further and the page
+            built again; past an 8x8 shrink, fewer frames are shown each time (as many as the
+            measured page leaves room for), down to 5.
     Returns:
         the path written.
     """
     if callable(counts):  # each build reads the shown frames: read them from the source once
         counts = _CachedFrames(counts, _FRAME_CACHE_BYTES)
+    if kwargs.get("image_shrink") is None and compress is not False:
+        kwargs = {**kwargs, **_plan_reduction(counts, label_volumes, kwargs, max_html_bytes)}
     fig = build_viewer(counts, label_volumes, **kwargs)
     page = _html_page(fig, title=kwargs.get("title"), compress=compress)
     # plotly.js holds a few non-ASCII characters: measure the page in bytes, as written.
@@ -265,9 +357,14 @@ def write_viewer(path: str | Path, counts: CountsSource, label_volumes: Mapping[
                         len(page) / 1e6, max_html_bytes / 1e6, shrink + 1)
             kwargs = {**kwargs, "image_shrink": shrink + 1}
         elif shown > _MIN_FRAMES_SHOWN:
+            # the frames' share of the page shrinks with their number (plotly.js does not): as
+            # many as that leaves room for, less a margin, and always fewer than now
+            overhead = page_overhead()
+            room = (max_html_bytes - overhead) / max(len(page) - overhead, 1) / (1 + _PLAN_MARGIN)
+            fewer = max(min(int(shown * room), shown - 1), _MIN_FRAMES_SHOWN)
             logger.info("viewer page is %.1f MB, over %.1f MB: showing %d frames instead of %d",
-                        len(page) / 1e6, max_html_bytes / 1e6, max(shown // 2, _MIN_FRAMES_SHOWN), shown)
-            kwargs = {**kwargs, "image_shrink": shrink, "max_frames": max(shown // 2, _MIN_FRAMES_SHOWN)}
+                        len(page) / 1e6, max_html_bytes / 1e6, fewer, shown)
+            kwargs = {**kwargs, "image_shrink": shrink, "max_frames": fewer}
         else:
             logger.warning("viewer page is %.1f MB even with %d frames shrunk %dx", len(page) / 1e6, shown, shrink)
             break
@@ -425,6 +522,62 @@ def _number_text(value: float) -> str:
     return f"{value:.0f}" if abs(value) < 1e6 else f"{value:.4g}"
 
 
+def _image_pixels(counts: np.ndarray | None, mask_labels: np.ndarray | None, peak_ids: np.ndarray, factor: int, *,
+                  dtype: type, id_dtype: type, max_count: float | None = None,
+                  binned: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One slider image: (z, ids), each (ceil(H/factor), ceil(W/factor)) block maxima.
+
+    z: the counts rounded to ``dtype`` (NaN and negative codes as 0, clipped at ``max_count``),
+    or, without counts, ``mask_labels != 0``; ids: the 3D peak ids as ``id_dtype``. ``binned``:
+    the counts' :func:`_binned_counts` at ``factor``, made already (then ``counts`` is unused).
+    """
+    if binned is not None:
+        z = _rounded_counts(binned, dtype=dtype, max_count=max_count)
+    elif counts is None:
+        z = block_max((np.asarray(mask_labels) != 0).astype(dtype)[None], factor)[0]
+    else:
+        z = _rounded_counts(_binned_counts(counts, factor), dtype=dtype, max_count=max_count)
+    ids = block_max(np.asarray(peak_ids).astype(id_dtype, copy=False)[None], factor)[0]
+    return z, ids
+
+
+def _binned_counts(counts: np.ndarray, factor: int) -> np.ndarray:
+    """(H, W) counts -> their float block maxima, NaN as 0 (the first half of a slider image).
+
+    Shrinking first is exact: the block maximum commutes with the (monotone) clip and rounding
+    of :func:`_rounded_counts`, which then work on 1/factor^2 of the pixels.
+    """
+    frame = np.asarray(counts)
+    if not np.issubdtype(frame.dtype, np.floating):
+        frame = frame.astype(np.float64)
+    return block_max(np.nan_to_num(frame, nan=0.0)[None], factor)[0]
+
+
+def _rounded_counts(binned: np.ndarray, *, dtype: type, max_count: float | None) -> np.ndarray:
+    """Binned counts as the slider stores them: integers of ``dtype``, negative codes as 0."""
+    return np.rint(np.clip(binned, 0, max_count)).astype(dtype)
+
+
+def _count_stats(counts: CountsSource, shown: np.ndarray, frame_shape: tuple[int, int], *,
+                 seen: Callable[[int, np.ndarray], None] | None = None) -> tuple[float, float]:
+    """(top of the colour scale, largest count) of the shown frames, both at least 1: one pass,
+    a frame at a time (a long scan's frames are read from the file); ``seen(k, frame)`` is
+    called with each frame read."""
+    tops = [0.0]
+
+    def frames() -> Any:
+        for k in shown.tolist():
+            frame = _counts_frame(counts, k)
+            tops.append(float(np.nanmax(frame, initial=0)))
+            if seen is not None:
+                seen(k, frame)
+            yield frame
+
+    # A few hot pixels would squeeze everything else into the dark end of the scale.
+    display_top = max(robust_maximum(frames(), total=shown.size * frame_shape[0] * frame_shape[1]), 1.0)
+    return display_top, max(max(tops), 1.0)
+
+
 class _FrameImages:
     """The slider's frame images: integer counts (or masks) and 3D peak ids, shrunk to fit a budget."""
 
@@ -434,23 +587,17 @@ class _FrameImages:
         self.mask_only = counts is None
         self.mask_labels = mask_labels  # shown as the image when there are no counts
         self.peak_labels = peak_labels
+        # With the shrink given (write_viewer plans it), the pass over the frames for the colour
+        # scale keeps each binned image (a frame of a long scan is not read a second time), up to
+        # a byte budget.
+        self._planned = None if shrink is None or int(shrink) <= 1 else int(shrink)
+        self._binned: dict[int, np.ndarray] = {}
+        self._binned_bytes = 0
         if self.mask_only:
             self.max_count = self.display_top = 1.0
             self.dtype: type = np.uint8
         else:
-            # One pass over the shown frames, a frame at a time (a long scan's frames are read from the file).
-            tops = [0.0]
-
-            def frames() -> Any:
-                for k in shown.tolist():
-                    frame = _counts_frame(counts, k)
-                    tops.append(float(np.nanmax(frame, initial=0)))
-                    yield frame
-
-            _, height, width = mask_labels.shape
-            # A few hot pixels would squeeze everything else into the dark end of the scale.
-            self.display_top = max(robust_maximum(frames(), total=shown.size * height * width), 1.0)
-            self.max_count = max(max(tops), 1.0)
+            self.display_top, self.max_count = _count_stats(counts, shown, mask_labels.shape[1:], seen=self._keep)
             self.dtype = _smallest_uint(self.max_count)
         self.id_dtype = _smallest_uint(float(peak_labels.max(initial=0)))
         bytes_per_pixel = np.dtype(self.dtype).itemsize + np.dtype(self.id_dtype).itemsize
@@ -462,14 +609,19 @@ class _FrameImages:
                         self.factor, max_image_bytes)
         self.scale = None if self.mask_only else log_count_colorscale(self.display_top)
 
+    def _keep(self, k: int, frame: np.ndarray) -> None:
+        if self._planned is None or self._binned_bytes > _FRAME_CACHE_BYTES:
+            return
+        binned = _binned_counts(frame, self._planned)
+        self._binned[k] = binned
+        self._binned_bytes += binned.nbytes
+
     def _pixels(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if self.mask_only:
-            z = (self.mask_labels[k] != 0).astype(self.dtype)
-        else:
-            frame = np.nan_to_num(_counts_frame(self.counts, k).astype(np.float64), nan=0.0)
-            z = np.rint(np.clip(frame, 0, self.max_count)).astype(self.dtype)
-        ids = self.peak_labels[k].astype(self.id_dtype)
-        return block_max(z[None], self.factor)[0], block_max(ids[None], self.factor)[0]
+        binned = self._binned.get(k) if self.factor == self._planned else None
+        counts = None if self.mask_only or binned is not None else _counts_frame(self.counts, k)
+        return _image_pixels(counts, self.mask_labels[k] if self.mask_only else None, self.peak_labels[k],
+                             self.factor, dtype=self.dtype, id_dtype=self.id_dtype, max_count=self.max_count,
+                             binned=binned)
 
     def trace(self, k: int, *, update_only: bool = False) -> go.Heatmap:
         z, ids = self._pixels(k)
@@ -508,13 +660,18 @@ def _frame_outline_traces(volumes: Mapping[str, np.ndarray], models: Sequence[st
     """
     traces = []
     frame_peaks = peak_labels[k]
+    done: list[tuple[np.ndarray, list[list[tuple[Outline, int]]]]] = []
     for model in models:
         labels = volumes[model][k]
-        per_colour: list[list[tuple[Outline, int]]] = [[] for _ in PALETTE]
-        for outline in label_outlines(labels):
-            peak = _dominant_peak(frame_peaks[outline.box][labels[outline.box] == outline.label])
-            colour = (peak - 1) % len(PALETTE) if peak else (outline.label - 1) % len(PALETTE)
-            per_colour[colour].append((outline, peak))
+        # a model whose instances are another's (joint of a classical-only run) reuses its outlines
+        per_colour = next((outlines for seen, outlines in done if np.array_equal(seen, labels)), None)
+        if per_colour is None:
+            per_colour = [[] for _ in PALETTE]
+            for outline in label_outlines(labels):
+                peak = _dominant_peak(frame_peaks[outline.box][labels[outline.box] == outline.label])
+                colour = (peak - 1) % len(PALETTE) if peak else (outline.label - 1) % len(PALETTE)
+                per_colour[colour].append((outline, peak))
+            done.append((labels, per_colour))
         for c, colour in enumerate(PALETTE):
             x, y, custom = _join_outlines(per_colour[c])
             if update_only:
@@ -555,6 +712,7 @@ def _table_trace(peaks: _Peaks, axis_label: str) -> go.Table:
         cells=dict(values=list(columns.values()), fill_color=fills, align="center", font=dict(size=11), height=22),
         columnwidth=[0.6, 1.0, 1.0, 0.8, 0.8, 0.8, 1.1, 0.8, 1.2][: len(columns)],
         name="3D peaks",
+        _validate=False,  # plain lists of numbers and strings; see build_viewer
     )
 
 
