@@ -29,15 +29,15 @@ PRESET_CYCLE = ("easy", "realistic", "hard")
 
 
 def build_test_set(folder: Path, *, n_scans: int, n_frames: int, base_seed: int = TEST_SEED,
-                   prefix: str = "test") -> list[Path]:
+                   prefix: str = "test", presets: tuple[str, ...] = PRESET_CYCLE) -> list[Path]:
     """Write (once) and return the label files of the test set (or, with another ``base_seed``,
-    of another set drawn the same way)."""
+    of another set drawn the same way; scan k has preset ``presets[k % len(presets)]``)."""
     from dipid.synth import scan_seed, simulate_scan
 
     folder.mkdir(parents=True, exist_ok=True)
     labels = []
     for k in range(n_scans):
-        preset = PRESET_CYCLE[k % len(PRESET_CYCLE)]
+        preset = presets[k % len(presets)]
         name = f"{prefix}_{k:02d}_{preset}"
         json_path = folder / f"{name}_labels.json"
         if not json_path.exists():

@@ -68,6 +68,9 @@ def _choose_model(device: str) -> tuple[PredictOptions, str]:
             "classical baseline: no trained weights are shipped in weights/ yet "
             "(train them with `dipid train tlm` / `dipid train sslm`)")
     parts = [name for name, model in (("TLM", predictor.tlm), ("SSLM", predictor.sslm)) if model is not None]
+    if predictor.settings.fusion_anchor == "classical":
+        return options, (f"joint (the classical finder's peaks, each kept where the {' or '.join(parts)} "
+                         f"confirms it; shipped weights in {DEFAULT_WEIGHTS_DIR})")
     if predictor.settings.fusion_classical:
         parts.append("classical finder")
     return options, f"joint ({' + '.join(parts)}, shipped weights in {DEFAULT_WEIGHTS_DIR})"

@@ -14,6 +14,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy import ndimage
 
+from dipid.errors import UnknownNameError
 from dipid.metrics import mask_intersection_matrix, mask_iou_matrix
 from dipid.results import SOURCE_FLAGS
 
@@ -24,9 +25,13 @@ __all__ = [
     "mask_nms",
     "connected_instances",
     "fuse_instances",
+    "FUSION_ANCHORS",
 ]
 
 logger = logging.getLogger(__name__)
+
+#: Whose instances :func:`fuse_instances` keeps as candidates, the other detectors confirming them.
+FUSION_ANCHORS = ("tlm", "classical")
 
 
 def _masks(masks: np.ndarray, name: str = "masks") -> np.ndarray:
@@ -192,6 +197,7 @@ def fuse_instances(
     ssl_masks: np.ndarray,
     ssl_scores: np.ndarray,
     *,
+    anchor: str = "tlm",
     match_iou: float = 0.1,
     tlm_min_score: float = 0.0,
     ssl_min_score: float = 0.5,
@@ -211,39 +217,51 @@ def fuse_instances(
     """Combine Mask R-CNN (TLM) instances with clustering (SSLM) components, and optionally the
     classical finder's peaks: dipid's ``joint`` output.
 
-    The SSLM components and the classical peaks are *evidence* about the TLM's instances; each
-    kind of evidence is used the same way, with its own settings. The rule:
+    One detector is the *anchor* (``anchor="tlm"``, the default): its instances are the
+    candidates, and the others' masks are *evidence* about them. Each kind of evidence is used
+    the same way, with its own settings. The rule:
 
-    1. A piece of evidence *confirms* a TLM instance when their mask IoU is >= ``match_iou`` or
-       at least half of the evidence lies inside the instance.
-    2. A confirmed TLM instance is kept with its mask, the score ``1 - (1 - s_tlm) prod_k (1 - s_k)``
-       (``s_k`` the best confirming score of each kind of evidence), i.e. the chance that at
-       least one of independent detectors is right, and the source flags of every detector that
-       agreed. An unconfirmed one is kept (source 1) when its score is >= ``tlm_min_score`` (0:
-       always; above 1: never, another detector must agree).
-    3. With ``refine_with_ssl`` (``refine_with_classical``), a confirmed instance's mask becomes
-       the union of its confirming SSLM components (classical peaks) cut to the instance dilated
+    1. A piece of evidence *confirms* a candidate when their mask IoU is >= ``match_iou`` or at
+       least half of either lies inside the other.
+    2. A confirmed candidate is kept with its mask, the score ``1 - (1 - s_0) prod_k (1 - s_k)``
+       (``s_0`` its own score, ``s_k`` the best confirming score of each kind of evidence), i.e.
+       the chance that at least one of independent detectors is right, and the source flags of
+       every detector that agreed. An unconfirmed one is kept when its score is >= the anchor's
+       minimum score (``tlm_min_score``; 0: always; above 1: never, another detector must agree).
+    3. With ``refine_with_ssl`` (``refine_with_classical``), a confirmed candidate's mask becomes
+       the union of its confirming SSLM components (classical peaks) cut to the candidate dilated
        by ``refine_margin`` pixels: clustering and background-subtracted thresholds draw
        pixel-exact edges where the TLM's 28 x 28 mask head is coarse, and the cut keeps two
-       instances that share one component apart. If the cut is empty the TLM mask stays. When
-       both kinds refine an instance, the classical peaks' edges win: a threshold on
+       instances that share one component apart. If the cut is empty the mask stays. When both
+       kinds refine a candidate, the classical peaks' edges win: a threshold on
        background-subtracted counts follows the peak's own pixels, where the SSLM's components
        spread into the halo (a union of the two would take the larger of each edge).
     4. With ``add_unmatched_ssl`` (``add_unmatched_classical``), evidence that confirms no
-       instance is added as an instance of its own (source 2, or 4) when its score is >=
+       candidate is added as an instance of its own (source 2, or 4) when its score is >=
        ``ssl_min_score`` (``classical_min_score``) and its area is >= ``ssl_min_area``
-       (``classical_min_area``) pixels: peaks the TLM missed (small lone components are mostly noise).
-    5. With ``add_agreeing_evidence``, an SSLM component and a classical peak that confirm no TLM
-       instance but agree with each other (the same test as step 1, the classical peak in the
-       instance's place) join `joint` as one instance whatever their own minimum scores: the
-       classical peak's pixel-exact mask, the combined score of step 2 and sources 2 | 4. With
-       the TLM's lone instances and each lone kind of evidence kept out (``tlm_min_score`` above
-       1, no ``add_unmatched_*``), this makes `joint` a majority vote: a peak is reported where at
-       least two of the three detectors agree. Their failures differ (the TLM's false positives on
-       structured backgrounds, the SSLM's on noise, the classical finder's on rings and streaks),
-       so agreement removes most false peaks while a real peak is rarely missed by two of them.
+       (``classical_min_area``) pixels: peaks the anchor missed (small lone components are
+       mostly noise).
+    5. With ``add_agreeing_evidence``, two pieces of evidence of different kinds that confirm no
+       candidate but agree with each other (the test of step 1) join `joint` as one instance
+       whatever their own minimum scores: the second kind's mask (the classical peak's, or the
+       TLM's when the classical finder is the anchor), the combined score of step 2 and both
+       flags. With the anchor's lone candidates and each lone kind of evidence kept out, this
+       makes `joint` a majority vote: a peak is reported where at least two of the three
+       detectors agree. Their failures differ (the TLM's false positives on structured
+       backgrounds, the SSLM's on noise, the classical finder's on rings and streaks), so
+       agreement removes most false peaks while a real peak is rarely missed by two of them.
     6. Mask NMS at ``nms_iou`` (see :func:`mask_nms`) removes duplicates, such as one missed peak
        added by both the SSLM and the classical finder.
+
+    ``anchor="classical"`` swaps the roles of the TLM and the classical finder (it needs
+    ``classical_masks``): the classical peaks are the candidates, kept with their pixel-exact
+    masks when a network confirms them or their own score is >= ``classical_min_score``; the
+    TLM's instances are evidence, a lone one added (step 4) when its score is >=
+    ``tlm_min_score`` <= 1, and ``add_agreeing_evidence`` adds a TLM instance an SSLM component
+    agrees with. The networks then vouch for, rank and complete the classical finder's peaks,
+    which is the better rule while the networks are the weaker detectors on validation scans: it
+    keeps the finder's edges and its recall away from the scenes the networks were trained on,
+    and their agreement moves real peaks above the finder's lone false ones.
 
     The thresholds say how far each model is trusted alone. Which values make ``joint`` at least
     as good as every single model depends on the models' quality, so they are chosen on
@@ -254,32 +272,49 @@ def fuse_instances(
         tlm_masks: (N, H, W) bool; tlm_scores: (N,) float in [0, 1].
         ssl_masks: (M, H, W) bool; ssl_scores: (M,) float in [0, 1] (M may be 0).
         classical_masks: (K, H, W) bool or None; classical_scores: (K,) float in [0, 1).
+        anchor: "tlm" or "classical", whose instances the others confirm.
     Returns:
         :class:`FusedInstances` by descending score.
+    Raises:
+        UnknownNameError: ``anchor`` is not one of the two.
     """
+    if anchor not in FUSION_ANCHORS:
+        raise UnknownNameError("fusion anchor", anchor, FUSION_ANCHORS)
     tlm_masks, ssl_masks = _masks(tlm_masks, "tlm_masks"), _masks(ssl_masks, "ssl_masks")
     if tlm_masks.shape[1:] != ssl_masks.shape[1:]:
         raise ValueError(f"tlm masks are {tlm_masks.shape[1:]}, ssl masks {ssl_masks.shape[1:]}")
     tlm_scores = _scores(tlm_scores, len(tlm_masks), "tlm_scores")
-    evidence = [_Evidence(ssl_masks, _scores(ssl_scores, len(ssl_masks), "ssl_scores"), _flag("ssl"), ssl_min_score,
-                          ssl_min_area, add_unmatched_ssl, refine_with_ssl)]
+    ssl = _Evidence(ssl_masks, _scores(ssl_scores, len(ssl_masks), "ssl_scores"), _flag("ssl"), ssl_min_score,
+                    ssl_min_area, add_unmatched_ssl, refine_with_ssl)
+    classical = None
     if classical_masks is not None:
         classical_masks = _masks(classical_masks, "classical_masks")
         if classical_masks.shape[1:] != tlm_masks.shape[1:]:
             raise ValueError(f"tlm masks are {tlm_masks.shape[1:]}, classical masks {classical_masks.shape[1:]}")
-        evidence.append(_Evidence(classical_masks, _scores(classical_scores, len(classical_masks), "classical_scores"),
-                                  _flag("classical"), classical_min_score, classical_min_area, add_unmatched_classical,
-                                  refine_with_classical))
+        classical = _Evidence(classical_masks, _scores(classical_scores, len(classical_masks), "classical_scores"),
+                              _flag("classical"), classical_min_score, classical_min_area, add_unmatched_classical,
+                              refine_with_classical)
+    if anchor == "tlm":
+        candidates, candidate_scores, candidate_flag, keep_min_score = tlm_masks, tlm_scores, _flag("tlm"), tlm_min_score
+        evidence = [ssl] if classical is None else [ssl, classical]
+    else:
+        if classical is None:
+            raise ValueError("anchor='classical' needs classical_masks and classical_scores")
+        candidates, candidate_scores = classical.masks, classical.scores
+        candidate_flag, keep_min_score = classical.flag, classical_min_score
+        # the TLM as evidence: its own edges never replace the classical ones (step 3)
+        evidence = [ssl, _Evidence(tlm_masks, tlm_scores, _flag("tlm"), min(tlm_min_score, 1.0), 0,
+                                   tlm_min_score <= 1.0, False)]
 
-    tlm_area = _areas(tlm_masks)
-    masks = tlm_masks.copy()
-    scores = tlm_scores.astype(np.float64)
-    sources = np.full(len(tlm_masks), _flag("tlm"), np.uint8)
-    confirmed = np.zeros(len(tlm_masks), bool)
+    candidate_area = _areas(candidates)
+    masks = candidates.copy()
+    scores = candidate_scores.astype(np.float64)
+    sources = np.full(len(candidates), candidate_flag, np.uint8)
+    confirmed = np.zeros(len(candidates), bool)
     structure = ndimage.generate_binary_structure(2, 2)
-    reach: dict[int, np.ndarray] = {}  # instance -> its mask dilated by refine_margin (computed once)
+    reach: dict[int, np.ndarray] = {}  # candidate -> its mask dilated by refine_margin (computed once)
     for ev in evidence:  # the SSLM first, then the classical finder: the later kind's edges win
-        ev.confirms = _confirmations(tlm_masks, tlm_area, ev.masks, match_iou)  # (N, M)
+        ev.confirms = _confirmations(candidates, candidate_area, ev.masks, match_iou)  # (N, M)
         hit = ev.confirms.any(axis=1)
         if hit.any():
             best = np.where(ev.confirms, ev.scores[None, :], -np.inf).max(axis=1)
@@ -288,32 +323,32 @@ def fuse_instances(
             if ev.refine:
                 for i in np.flatnonzero(hit):
                     if i not in reach:
-                        reach[i] = ndimage.binary_dilation(tlm_masks[i], structure=structure,
-                                                           iterations=refine_margin) if refine_margin > 0 else tlm_masks[i]
+                        reach[i] = ndimage.binary_dilation(candidates[i], structure=structure,
+                                                           iterations=refine_margin) if refine_margin > 0 else candidates[i]
                     refined = ev.masks[ev.confirms[i]].any(axis=0) & reach[i]
                     if refined.any():
                         masks[i] = refined
         confirmed |= hit
 
-    kept_tlm = confirmed | (tlm_scores >= tlm_min_score)
-    masks, scores, sources = masks[kept_tlm], scores[kept_tlm], sources[kept_tlm]
-    used = [ev.confirms.any(axis=0) for ev in evidence]  # evidence that confirmed a TLM instance
+    kept = confirmed | (candidate_scores >= keep_min_score)
+    masks, scores, sources = masks[kept], scores[kept], sources[kept]
+    used = [ev.confirms.any(axis=0) for ev in evidence]  # evidence that confirmed a candidate
     if add_agreeing_evidence and len(evidence) == 2:
-        ssl, classical = evidence
-        lone_ssl, lone_classical = np.flatnonzero(~used[0]), np.flatnonzero(~used[1])
-        if lone_ssl.size and lone_classical.size:
-            agree = _confirmations(classical.masks[lone_classical], _areas(classical.masks[lone_classical]),
-                                   ssl.masks[lone_ssl], match_iou)  # (K lone classical, M lone SSLM)
+        first, second = evidence
+        lone_first, lone_second = np.flatnonzero(~used[0]), np.flatnonzero(~used[1])
+        if lone_first.size and lone_second.size:
+            agree = _confirmations(second.masks[lone_second], _areas(second.masks[lone_second]),
+                                   first.masks[lone_first], match_iou)  # (lone second, lone first)
             agreed = agree.any(axis=1)
             if agreed.any():
-                best_ssl = np.where(agree, ssl.scores[lone_ssl][None, :], -np.inf).max(axis=1)[agreed]
-                peaks = lone_classical[agreed]
-                masks = np.concatenate([masks, classical.masks[peaks]])
-                scores = np.concatenate([scores, _combined_confidence(classical.scores[peaks].astype(np.float64),
-                                                                      best_ssl.astype(np.float64))])
-                sources = np.concatenate([sources, np.full(peaks.size, ssl.flag | classical.flag, np.uint8)])
-                used[1][peaks] = True
-                used[0][lone_ssl[agree[agreed].any(axis=0)]] = True
+                best_first = np.where(agree, first.scores[lone_first][None, :], -np.inf).max(axis=1)[agreed]
+                joined = lone_second[agreed]
+                masks = np.concatenate([masks, second.masks[joined]])
+                scores = np.concatenate([scores, _combined_confidence(second.scores[joined].astype(np.float64),
+                                                                      best_first.astype(np.float64))])
+                sources = np.concatenate([sources, np.full(joined.size, first.flag | second.flag, np.uint8)])
+                used[1][joined] = True
+                used[0][lone_first[agree[agreed].any(axis=0)]] = True
     for ev, ev_used in zip(evidence, used):
         if not ev.add_unmatched:
             continue
@@ -326,7 +361,7 @@ def fuse_instances(
 
     scores32 = scores.astype(np.float32)
     keep = mask_nms(masks, scores32, iou_threshold=nms_iou)
-    logger.debug("fused %d TLM + %s -> %d instances (%d confirmed)", len(tlm_masks),
+    logger.debug("fused %d %s candidates + %s -> %d instances (%d confirmed)", len(candidates), anchor,
                  " + ".join(str(len(ev.masks)) for ev in evidence), keep.size, int(confirmed.sum()))
     return FusedInstances(masks[keep], scores32[keep], sources[keep])
 
@@ -345,11 +380,14 @@ class _Evidence:
     confirms: np.ndarray | None = None
 
 
-def _confirmations(tlm_masks: np.ndarray, tlm_area: np.ndarray, other: np.ndarray, match_iou: float) -> np.ndarray:
-    """(N, M) bool: other mask j confirms TLM instance i (IoU >= match_iou or half of j inside i)."""
-    inter = mask_intersection_matrix(tlm_masks, other)
+def _confirmations(candidates: np.ndarray, candidate_area: np.ndarray, other: np.ndarray,
+                   match_iou: float) -> np.ndarray:
+    """(N, M) bool: other mask j confirms candidate i (IoU >= match_iou, or half of either inside
+    the other: a small classical peak inside a TLM instance's halo agrees with it, and so does a
+    TLM instance inside a large SSLM component)."""
+    inter = mask_intersection_matrix(candidates, other)
     other_area = _areas(other)
-    union = tlm_area[:, None] + other_area[None, :] - inter
+    union = candidate_area[:, None] + other_area[None, :] - inter
     iou = inter / np.maximum(union, 1)
-    inside_fraction = inter / np.maximum(other_area, 1)[None, :]
-    return (inter > 0) & ((iou >= match_iou) | (inside_fraction >= 0.5))
+    inside = np.maximum(inter / np.maximum(other_area, 1)[None, :], inter / np.maximum(candidate_area, 1)[:, None])
+    return (inter > 0) & ((iou >= match_iou) | (inside >= 0.5))

@@ -30,13 +30,14 @@ from tqdm.auto import tqdm
 
 from dipid.classical import ClassicalFinder
 from dipid.decode import classical_instances, joint_instances, ssl_output, tlm_instances
-from dipid.errors import DipidError
+from dipid.errors import DipidError, UnknownNameError
 from dipid.io import Scan, fill_bad_pixels, open_scan
 from dipid.models.device import resolve_device
 from dipid.models.inference import inference_copy
 from dipid.models.normalize import normalize_counts
 from dipid.models.sslm import assign_channels
 from dipid.models.weights import load_weights
+from dipid.postprocess import FUSION_ANCHORS
 from dipid.results import (
     MODEL_KINDS,
     ImageResult,
@@ -103,7 +104,10 @@ class PredictorSettings:
             (both networks' `joint` is de-duplicated by the fusion itself, at ``nms_iou``).
         nms_iou: mask IoU above which the lower-scored of two instances is dropped (by NMS, and
             inside the fusion).
-        fusion_match_iou: IoU at which an SSLM component confirms a TLM instance.
+        fusion_anchor: whose instances are `joint`'s candidates, the other detectors confirming
+            them: "tlm", or "classical" (the networks vouch for, rank and complete the classical
+            finder's peaks; needs ``fusion_classical``). See :func:`dipid.postprocess.fuse_instances`.
+        fusion_match_iou: IoU at which a piece of evidence confirms a candidate.
         fusion_tlm_min_score: TLM score an instance no SSLM component confirms needs to stay in
             `joint` (0: every TLM instance stays).
         fusion_ssl_min_score: mean SSLM probability an unconfirmed SSLM component needs to join `joint`.
@@ -141,6 +145,7 @@ class PredictorSettings:
     min_area: int = 4
     nms: bool = False
     nms_iou: float = 0.5
+    fusion_anchor: str = "tlm"
     fusion_match_iou: float = 0.1
     fusion_tlm_min_score: float = 0.0
     fusion_ssl_min_score: float = 0.5
@@ -160,10 +165,16 @@ class PredictorSettings:
     optimize: bool = True
     proposals: int | None = None
 
+    def __post_init__(self) -> None:
+        if self.fusion_anchor not in FUSION_ANCHORS:
+            raise UnknownNameError("fusion anchor", self.fusion_anchor, FUSION_ANCHORS)
+        if self.fusion_anchor == "classical" and not self.fusion_classical:
+            raise DipidError("fusion_anchor='classical' needs fusion_classical=True (the classical finder must run)")
+
     def fusion_options(self) -> dict[str, Any]:
         """The keyword arguments of :func:`dipid.postprocess.fuse_instances` these settings give."""
         return dict(
-            match_iou=self.fusion_match_iou, tlm_min_score=self.fusion_tlm_min_score,
+            anchor=self.fusion_anchor, match_iou=self.fusion_match_iou, tlm_min_score=self.fusion_tlm_min_score,
             ssl_min_score=self.fusion_ssl_min_score, ssl_min_area=self.fusion_ssl_min_area,
             add_unmatched_ssl=self.fusion_add_unmatched_ssl, refine_with_ssl=self.fusion_refine_with_ssl,
             refine_margin=self.fusion_refine_margin, nms_iou=self.nms_iou,

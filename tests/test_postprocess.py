@@ -267,3 +267,49 @@ def test_fuse_instances_classical_edges_win_over_ssl_edges():
     masks, _, _ = fuse_instances(tlm[None], np.array([0.8]), ssl[None], np.array([0.9]),
                                  **{**both, "refine_with_classical": False})
     np.testing.assert_array_equal(masks[0], ssl)
+
+
+def test_fuse_instances_classical_anchor_networks_vouch_for_rank_and_complete():
+    shape = (40, 40)
+    c0 = box_mask(slice(2, 6), slice(2, 6), shape)        # classical peak inside ...
+    t0 = box_mask(slice(1, 9), slice(1, 9), shape)        # ... a larger TLM instance: they agree
+    c1 = box_mask(slice(2, 6), slice(30, 34), shape)      # classical alone (a ring or streak, say)
+    t1 = box_mask(slice(20, 26), slice(20, 26), shape)    # TLM instance ...
+    s1 = box_mask(slice(21, 25), slice(21, 25), shape)    # ... the SSLM agrees: a peak the finder missed
+    t2 = box_mask(slice(30, 34), slice(2, 6), shape)      # TLM alone
+    cm, cs = np.stack([c0, c1]), np.array([0.5, 0.6])
+    tm, ts = np.stack([t0, t1, t2]), np.array([0.8, 0.7, 0.95])
+    sm, ss = s1[None], np.array([0.6])
+    anchored = dict(anchor="classical", classical_masks=cm, classical_scores=cs, add_unmatched_ssl=False,
+                    tlm_min_score=1.01, add_agreeing_evidence=True)
+    # every classical peak stays (keep score 0), with its own pixel-exact mask; the confirmed one
+    # ranks first with the combined score; the TLM + SSLM agreement joins with the TLM's mask
+    masks, scores, sources = fuse_instances(tm, ts, sm, ss, classical_min_score=0.0, **anchored)
+    np.testing.assert_allclose(scores, [1 - 0.5 * 0.2, 1 - 0.3 * 0.4, 0.6], rtol=1e-6)
+    np.testing.assert_array_equal(sources, [SOURCE_CLASSICAL | SOURCE_TLM, SOURCE_TLM | SOURCE_SSL,
+                                            SOURCE_CLASSICAL])
+    np.testing.assert_array_equal(masks[0], c0)
+    np.testing.assert_array_equal(masks[1], t1)
+    np.testing.assert_array_equal(masks[2], c1)
+    # above 1 the networks veto every classical peak they do not confirm; a lone TLM instance joins
+    # once tlm_min_score <= 1 lets it
+    masks, _, sources = fuse_instances(tm, ts, sm, ss, **{**anchored, "classical_min_score": 1.01,
+                                                          "tlm_min_score": 0.9})
+    assert sorted(sources.tolist()) == sorted([SOURCE_CLASSICAL | SOURCE_TLM, SOURCE_TLM | SOURCE_SSL, SOURCE_TLM])
+    assert not any((m & c1).any() for m in masks)
+    # the classical anchor needs classical peaks, and the anchor must be a known one
+    with pytest.raises(ValueError, match="classical_masks"):
+        fuse_instances(tm, ts, sm, ss, anchor="classical")
+    with pytest.raises(ValueError, match="valid: tlm, classical"):
+        fuse_instances(tm, ts, sm, ss, anchor="sslm")
+
+
+def test_predictor_settings_check_the_fusion_anchor():
+    from dipid.errors import DipidError, UnknownNameError
+    from dipid.predict import PredictorSettings
+
+    assert PredictorSettings(fusion_anchor="classical", fusion_classical=True).fusion_options()["anchor"] == "classical"
+    with pytest.raises(UnknownNameError):
+        PredictorSettings(fusion_anchor="ssl")
+    with pytest.raises(DipidError, match="fusion_classical"):
+        PredictorSettings(fusion_anchor="classical")

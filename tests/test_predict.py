@@ -344,4 +344,11 @@ def test_weights_location_rules(tmp_path):
     (run / "SHA256SUMS").unlink()
     loaded = load_weights(run)
     assert set(loaded.models) == {"sslm"} and loaded.settings_file is None
+    # the fusion rule beside the checkpoints is checked like them when SHA256SUMS lists it
+    (run / "settings.json").write_text('{"threshold": 0.6}\n')
+    (run / "SHA256SUMS").write_text("0" * 64 + "  settings.json\n")
+    with pytest.raises(WeightsNotFoundError, match="settings.json: sha256"):
+        load_weights(run)
+    (run / "SHA256SUMS").unlink()
+    assert load_weights(run).settings_file == run / "settings.json"
     assert loaded.info["sslm"]["path"] == str(run / WEIGHT_FILES["sslm"])

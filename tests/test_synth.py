@@ -301,7 +301,7 @@ def test_unknown_preset_or_detector_lists_valid_names():
         simulate_scan(detector="pilatus1m")
     with pytest.raises(ValueError):
         simulate_scan(n_frames=0)
-    assert set(PRESETS) == {"easy", "realistic", "hard"} and set(DETECTORS) == {"pilatus100k", "eiger4m"}
+    assert set(PRESETS) == {"easy", "realistic", "hard", "broad"} and set(DETECTORS) == {"pilatus100k", "eiger4m"}
     with pytest.raises(dataclasses.FrozenInstanceError):
         PRESETS["easy"].max_per_frame = 3  # type: ignore[misc]
 

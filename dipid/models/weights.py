@@ -126,7 +126,8 @@ def load_weights(path: str | Path | None = None) -> LoadedWeights:
     """Find, verify and load the checkpoints at ``path`` (None: the shipped ``weights/``).
 
     Raises:
-        WeightsNotFoundError: no checkpoint there, or one that fails its ``SHA256SUMS`` check.
+        WeightsNotFoundError: no checkpoint there, or one (or ``settings.json``) that fails its
+            ``SHA256SUMS`` check.
         CheckpointError: a file that is not a dipid checkpoint (see :func:`load_checkpoint`).
     """
     files = find_checkpoints(path)
@@ -142,5 +143,6 @@ def load_weights(path: str | Path | None = None) -> LoadedWeights:
         logger.debug("loaded %s from %s (sha256 %s)", model.name, file, digest)
     settings_file = folder / SETTINGS_FILE
     if folder.is_dir() and settings_file.is_file():
+        verify_checkpoint(settings_file, sums, sums_file)  # the fusion rule travels with the checkpoints
         loaded.settings_file = settings_file
     return loaded
