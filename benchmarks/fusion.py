@@ -268,8 +268,8 @@ def main() -> int:
         from dipid.files import atomic_write_text
         from dipid.tables import text_table
 
-        ranked = [r for r in sorted(table["val"], key=lambda r: merit(r) if r.startswith("joint") else 9, reverse=True)]
-        rows = [[name, *(f"{table['val'][name][c]:.3f}" for c in METRICS)] for name in ranked]
+        singles = [r for r in table["val"] if not r.startswith("joint")]
+        rows = [[name, *(f"{table['val'][name][c]:.3f}" for c in METRICS)] for name in [*singles, *joint_rows]]
         atomic_write_text(args.all_rules, text_table(["rule (validation)", *METRICS], rows) + "\n")
         print(f"wrote every rule's validation row to {args.all_rules}")
     if args.write_settings and chosen:
