@@ -30,6 +30,29 @@ their non-empty 128 x 128 chunks:
 Of the 56 s of the 200-frame Eiger run, by stage (one run, cProfile-free): starting the process
 and importing torch about 4 s, prediction (reading, bad pixels, the finder) 25 s, the peak table
 (re-reading the counts) 9 s, the viewer 11 s, the results NeXus file 5 s.
+
+Measured again (issue 14, 5 frames/s on the 200-frame Eiger scan) on the same 2-core AMD EPYC,
+one core taken by a 1-thread CPU training job, ``OMP_NUM_THREADS=1``; the mean of two rounds,
+before and after alternating (peak RSS: the larger), before and after each frame was decompressed
+once and kept packed for the later passes (``open_scan(cache_bytes=...)``, up to
+``pipeline.SCAN_CACHE_BYTES``), frames went to the classical finder and the peak table one
+Eiger frame at a time (``pipeline.READ_BYTES``: no 143 MB batch mapped fresh each time), the
+label images were handled as their labelled pixels (``volume.SparseFrames``: peak linking and
+table, the viewer's voxels and outlines, the NeXus chunks; the classical-only run's joint
+volume reuses the classical chunks), and the viewer's traces went into the figure without a
+second validation. Outputs unchanged (peak CSV and viewer byte for byte, NeXus file to its
+stored chunks, time stamps aside):
+
+    scan           frames   before                  after
+    Pilatus 100K      100     7.3 s  13.7/s  1.22     7.0 s  14.3/s  1.19
+    Pilatus 100K     1000    16.2 s  61.8/s  1.06    15.4 s  64.9/s  1.18
+    Eiger 4M           20    13.8 s  1.45/s  1.61    10.1 s  1.97/s  1.53
+    Eiger 4M          200    56.5 s  3.54/s  2.12    37.2 s  5.38/s  2.61
+
+Of the 37 s of the 200-frame Eiger run now: importing torch and torchvision 3.4 s (the classical
+path needs neither), prediction 23.5 s (the process gets about one core: the finder, about
+60 ms a frame alone, shares it with the reader thread decompressing, about 40 ms a frame, and
+filling bad pixels), the peak table 2.1 s, the viewer 5.0 s, the results NeXus file 2.7 s.
 """
 
 from __future__ import annotations

@@ -806,6 +806,7 @@ class _PixelState:
         self.nan_bands = [tuple(np.searchsorted(self.cell_nan, (b0 * wp, b1 * wp))) for b0, b1 in self.bands]
         self.box_mean = np.zeros((hp, wp), np.float32)
         self._band = np.empty((band, wp), np.float32)
+        self._cells = np.empty((self.n_rows * self.n_cols, cell * cell), np.float32)
         self.excess = np.zeros((h + 2 * self.radius, w + 2 * self.radius), np.float32)
         self.marks = np.zeros(self.excess.shape, bool)
         self.fill_cache = _FillCache()
@@ -815,7 +816,7 @@ class _PixelState:
     def nbytes(self) -> int:
         """Memory held, bytes."""
         arrays = [getattr(self, name) for name in ("valid", "n_valid", "invalid_cells", "cell_nan", "count", "padded",
-                                                   "invalid", "box_mean", "_band", "excess", "marks")]
+                                                   "invalid", "box_mean", "_band", "_cells", "excess", "marks")]
         return sum(a.nbytes for a in arrays) + sum(a.nbytes for a in self._margin_marks.values())
 
     def margin_marks(self, margin: int) -> np.ndarray:
@@ -834,11 +835,13 @@ class _PixelState:
 
         Returns:
             (n_rows * n_cols, cell * cell) float32 copy of the frame, cell by cell, NaN at invalid
-            pixels. Done a band of rows at a time, each cut into cells while it is in the cache.
+            pixels, in a work buffer that the next load overwrites (every element: a new array
+            per frame costs a frame's worth of page faults). Done a band of rows at a time, each
+            cut into cells while it is in the cache.
         """
         h, w = frame.shape
         c, top, left = self.cell, self.top, self.left
-        out = np.empty((self.n_rows * self.n_cols, c * c), np.float32)
+        out = self._cells
         # A cell row of c values as one c * 4-byte item: the transpose moves whole rows of a cell.
         item = np.dtype((np.void, 4 * c))
         cell_rows = out.view(item).reshape(self.n_rows, self.n_cols, c)

@@ -49,6 +49,8 @@ __all__ = [
     "to_dataframe",
     "write_peaks_csv",
     "read_counts",
+    "SparseFrames",
+    "instance_label_frames",
     "PEAK_COLUMNS",
 ]
 
@@ -64,6 +66,149 @@ PEAK_COLUMNS = (
 #: or an iterable of (H, W) frames, (b, H, W) batches, ``(frames, bad)`` pairs or scan batches
 #: (objects with ``.frames`` and ``.bad_pixels``), in stack order.
 CountsSource = Union[np.ndarray, Callable[[int], Any], Iterable[Any]]
+
+
+# ---------------------------------------------------------------------------------------------
+# sparse frames
+
+
+class SparseFrames(FrameStack):
+    """An (F, H, W) stack held as each frame's non-zero pixels: a :class:`FrameStack` whose frames
+    are also available as those pixels (:meth:`pixels`).
+
+    Peaks and instances cover a small part of a detector frame (about 3000 of the 4.5 million
+    pixels of a simulated Eiger 4M frame), so the label images of a scan's instances and peaks,
+    the per-voxel scores and source flags are made as their non-zero pixels: code that needs only
+    those (the peak table, the viewer's 3D voxels and outlines, the results file's non-empty
+    chunks) never visits the rest of the frame. ``stack[k]`` still makes the dense (H, W) frame.
+
+    Args:
+        pixels: slice index k -> (flat indices into an (H * W) frame, ascending; their non-zero
+            values).
+        n_frames, frame_shape, dtype, max_value: as :class:`FrameStack`.
+        keep: keep each frame's pixels once made (read-only; 8 bytes and the value per pixel), for
+            a stack read several times whose frames cost more to make than to keep; else they
+            are made again on every read.
+    """
+
+    def __init__(self, pixels: Callable[[int], tuple[np.ndarray, np.ndarray]], n_frames: int,
+                 frame_shape: tuple[int, int], dtype: Any, *, max_value: float | None = None,
+                 keep: bool = False):
+        super().__init__(self._dense, n_frames, frame_shape, dtype, max_value=max_value)
+        self._make = pixels
+        self._kept: dict[int, tuple[np.ndarray, np.ndarray]] | None = {} if keep else None
+        # flat indices as int32 when they fit: kept pixels take 8 bytes, not 12, plus the value
+        self._index = np.int32 if self.shape[1] * self.shape[2] <= np.iinfo(np.int32).max else np.int64
+
+    def pixels(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Frame k's non-zero pixels: (flat indices, ascending int32 or, for frames of 2**31 pixels
+        or more, int64; values of the stack's dtype)."""
+        k = int(k)
+        if not -len(self) <= k < len(self):
+            raise IndexError(f"frame {k} is outside the stack of {len(self)} frames")
+        k += len(self) if k < 0 else 0
+        kept = None if self._kept is None else self._kept.get(k)
+        if kept is None:
+            flat, values = self._make(k)
+            kept = (np.asarray(flat).astype(self._index, copy=False), np.asarray(values).astype(self.dtype, copy=False))
+            if self._kept is not None:
+                for array in kept:
+                    array.flags.writeable = False  # shared by every caller
+                self._kept[k] = kept
+        return kept
+
+    def at(self, k: int, flat: np.ndarray) -> np.ndarray:
+        """Frame k's values at the flat pixel indices ``flat`` (0 where it has none)."""
+        return _sparse_at(self.pixels(k), np.asarray(flat))
+
+    def _dense(self, k: int) -> np.ndarray:
+        out = np.zeros(self.shape[1:], self.dtype)
+        flat, values = self.pixels(k)
+        out.reshape(-1)[flat] = values
+        return out
+
+    def max(self, initial: float | None = None) -> Any:
+        """The largest value (``max_value`` when known, else from the non-zero pixels; 0 counts too
+        when a frame has any zero pixel, as in the dense stack)."""
+        if self.max_value is None:
+            plane = self.shape[1] * self.shape[2]
+            tops = []
+            for k in range(len(self)):
+                flat, values = self.pixels(k)
+                if values.size:
+                    tops.append(values.max())
+                if flat.size < plane:
+                    tops.append(self.dtype.type(0))
+            if not tops:  # no frames
+                return initial
+            self.max_value = max(tops)
+        if initial is not None:
+            return max(self.max_value, initial)
+        return self.max_value
+
+
+def _sparse_at(pixels: tuple[np.ndarray, np.ndarray], flat: np.ndarray) -> np.ndarray:
+    """Values of a sparse frame (:meth:`SparseFrames.pixels`) at the flat indices ``flat`` (0 where none)."""
+    where, values = pixels
+    out = np.zeros(flat.shape, values.dtype)
+    if where.size:
+        at = np.minimum(np.searchsorted(where, flat), where.size - 1)
+        hit = where[at] == flat
+        out[hit] = values[at[hit]]
+    return out
+
+
+def _instance_pixels(inst: Instances) -> tuple[np.ndarray, np.ndarray]:
+    """Every (pixel, instance) pair of ``inst``: flat pixel indices and instance indices, instance
+    by instance (a pixel of overlapping instances appears once for each)."""
+    width = inst.shape[1]
+    flats, owners = [], []
+    for i, ((x0, y0, _, _), crop) in enumerate(zip(inst.boxes.astype(np.int64), inst.crops)):
+        rows, cols = np.nonzero(crop)
+        flats.append((rows + y0) * width + (cols + x0))
+        owners.append(np.full(rows.size, i, np.int64))
+    if not flats:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(flats), np.concatenate(owners)
+
+
+def _label_pixels(inst: Instances) -> tuple[np.ndarray, np.ndarray]:
+    """The non-zero pixels of ``inst.label_image()`` (instance i labelled i + 1, the earlier instance
+    where they overlap), made from the crops alone: (flat indices ascending, int32 labels)."""
+    flat, owner = _instance_pixels(inst)
+    # np.unique's first occurrence of a pixel is its lowest instance, the one label_image keeps
+    flat, first = np.unique(flat, return_index=True)
+    return flat, (owner[first] + 1).astype(np.int32)
+
+
+def _score_pixels(inst: Instances) -> tuple[np.ndarray, np.ndarray]:
+    """The non-zero pixels of an (H, W) float32 image of the highest score of the instances covering
+    each pixel (0 elsewhere): the per-voxel scores of :func:`peaks_table`."""
+    flat, owner = _instance_pixels(inst)
+    where, index = np.unique(flat, return_inverse=True)
+    best = np.zeros(where.size, np.float32)
+    np.maximum.at(best, index, inst.scores[owner])
+    nonzero = best != 0
+    return where[nonzero], best[nonzero]
+
+
+def _source_pixels(inst: Instances) -> tuple[np.ndarray, np.ndarray]:
+    """The non-zero pixels of an (H, W) uint8 image of the bitwise OR of the source flags of the
+    instances covering each pixel: the per-voxel sources of :func:`peaks_table`."""
+    flat, owner = _instance_pixels(inst)
+    where, index = np.unique(flat, return_inverse=True)
+    flags = np.zeros(where.size, np.uint8)
+    np.bitwise_or.at(flags, index, inst.sources[owner])
+    nonzero = flags != 0
+    return where[nonzero], flags[nonzero]
+
+
+def instance_label_frames(per_frame: Sequence[Instances], frame_shape: tuple[int, int]) -> SparseFrames:
+    """The (F, H, W) int32 instance label images of per-frame :class:`Instances` (each frame as
+    ``Instances.label_image()``: 0 = none, i + 1 = instance i) as :class:`SparseFrames`, each frame
+    made from the instances' crops when read."""
+    per_frame = list(per_frame)
+    return SparseFrames(lambda k: _label_pixels(per_frame[k]), len(per_frame), frame_shape, np.int32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,23 +229,6 @@ def stack_labels(per_frame: Sequence[Instances], frame_shape: tuple[int, int]) -
     out = np.zeros((len(per_frame), *frame_shape), dtype=np.int32)
     for k, inst in enumerate(per_frame):
         out[k] = inst.label_image()
-    return out
-
-
-def _score_image(inst: Instances) -> np.ndarray:
-    """(H, W) float32: the highest score of the instances covering each pixel (0 elsewhere)."""
-    out = np.zeros(inst.shape, dtype=np.float32)
-    for (x0, y0, x1, y1), crop, score in zip(inst.boxes, inst.crops, inst.scores):
-        region = out[y0:y1, x0:x1]
-        np.maximum(region, np.where(crop, score, 0.0).astype(np.float32), out=region)
-    return out
-
-
-def _source_image(inst: Instances) -> np.ndarray:
-    """(H, W) uint8: bitwise OR of the source flags of the instances covering each pixel."""
-    out = np.zeros(inst.shape, dtype=np.uint8)
-    for (x0, y0, x1, y1), crop, flags in zip(inst.boxes, inst.crops, inst.sources):
-        out[y0:y1, x0:x1][crop] |= np.uint8(flags)
     return out
 
 
@@ -214,15 +342,25 @@ class PeakLinker:
 
         ``frame_number``: its frame in the scan (default: the slice index); strictly ascending.
         """
+        local = self._local(labels)
+        # The slice as its labelled pixels (flat index, local label): the rest is background
+        pixels = np.flatnonzero(local.ravel() != 0)
+        self.add_pixels(pixels, local.ravel()[pixels], local.shape, frame_number)
+
+    def add_pixels(self, pixels: np.ndarray, labels: np.ndarray, frame_shape: tuple[int, int],
+                   frame_number: int | None = None) -> None:
+        """:meth:`add` for a slice of integer instance labels given as its labelled pixels: (P,)
+        flat indices into the (H, W) ``frame_shape``, ascending, and their (P,) labels (>= 1), e.g.
+        :meth:`SparseFrames.pixels`. The same as adding the dense label image, without it."""
         if self._id_to_peak is not None:
             raise RuntimeError("PeakLinker.add after finish(): make a new linker for another scan")
-        local = self._local(labels)
         frame = len(self._frames) if frame_number is None else int(frame_number)
         if self._frames and frame <= self._frames[-1]:
             raise ValueError(f"frame numbers must be strictly ascending: {frame} after {self._frames[-1]}")
-        # The slice as its labelled pixels (flat index, local label): the rest is background
-        pixels = np.flatnonzero(local.ravel() != 0)
-        local_ids = local.ravel()[pixels].astype(np.int64)
+        pixels = np.asarray(pixels, np.int64)
+        local_ids = np.asarray(labels).astype(np.int64)
+        if local_ids.min(initial=1) < 1:
+            raise ValueError("instance label volume has negative labels; 0 is background, 1.. are instances")
         n_local = int(local_ids.max(initial=0))
         if self.n_ids + n_local >= np.iinfo(np.int32).max:
             raise ValueError("too many instances to number with int32")
@@ -238,7 +376,7 @@ class PeakLinker:
                     continue
                 # one frame apart: the connectivity's cross-frame neighbours; a bridged gap: the same pixel
                 offsets = self._cross if distance == 1 else [(0, 0)]
-                pairs, touching = _touching_pairs(prev, current, local.shape, offsets)
+                pairs, touching = _touching_pairs(prev, current, tuple(frame_shape), offsets)
                 smaller = np.minimum(prev_area[pairs[0] - prev_offset - 1], area[pairs[1] - self.n_ids - 1])
                 keep = touching >= self.min_overlap * smaller
                 self._links.append(pairs[:, keep])
@@ -294,6 +432,15 @@ class PeakLinker:
         peaks.ravel()[where] = self._id_to_peak[local.ravel()[where].astype(np.int64) + self._offsets[k]]
         return peaks
 
+    def peak_pixels(self, k: int, pixels: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`peak_frame` as its labelled pixels, from slice k's labelled pixels as given to
+        :meth:`add_pixels`: (flat indices, ascending int64; int32 3D peak ids >= 1)."""
+        if self._id_to_peak is None:
+            raise RuntimeError("PeakLinker.peak_pixels before finish()")
+        peaks = self._id_to_peak[np.asarray(labels).astype(np.int64) + self._offsets[k]]
+        linked = peaks != 0
+        return np.asarray(pixels, np.int64)[linked], peaks[linked]
+
     def peak_labels(self, label_of: Callable[[int], np.ndarray], frame_shape: tuple[int, int]) -> FrameStack:
         """The (F, H, W) 3D peak labels as a :class:`FrameStack` (after :meth:`finish`): slice k
         made from ``label_of(k)``, the labels added for it."""
@@ -301,6 +448,16 @@ class PeakLinker:
             raise RuntimeError("PeakLinker.peak_labels before finish()")
         return FrameStack(lambda k: self.peak_frame(k, label_of(k)), len(self), frame_shape, np.int32,
                           max_value=self.n_peaks)
+
+    def peak_label_pixels(self, pixels_of: Callable[[int], tuple[np.ndarray, np.ndarray]],
+                          frame_shape: tuple[int, int]) -> SparseFrames:
+        """:meth:`peak_labels` as :class:`SparseFrames`, slice k made from ``pixels_of(k)``, the
+        labelled pixels added for it with :meth:`add_pixels`."""
+        if self._id_to_peak is None:
+            raise RuntimeError("PeakLinker.peak_label_pixels before finish()")
+        # kept: the peak labels are read by the table, the viewer and the results file
+        return SparseFrames(lambda k: self.peak_pixels(k, *pixels_of(k)), len(self), frame_shape, np.int32,
+                            max_value=self.n_peaks, keep=True)
 
 
 def link_instances(
@@ -314,13 +471,14 @@ def link_instances(
     min_frames: int = 1,
 ) -> FrameStack:
     """:func:`link_peaks_3d` of per-frame :class:`Instances`, in bounded memory: the (F, H, W) int32
-    peak labels as a :class:`dipid.results.FrameStack`, each frame made from its instances' label
-    image when asked for. Options as in :func:`link_peaks_3d`."""
+    peak labels as :class:`SparseFrames`, made from the instances' labelled pixels (as in their
+    label images) without a full-frame image. Options as in :func:`link_peaks_3d`."""
     linker = PeakLinker(max_gap=max_gap, connectivity=connectivity, min_overlap=min_overlap)
-    for inst, frame in zip(per_frame, frame_numbers):
-        linker.add(inst.label_image(), int(frame))
+    labels = instance_label_frames(per_frame, frame_shape)
+    for k, (_, frame) in enumerate(zip(per_frame, frame_numbers)):
+        linker.add_pixels(*labels.pixels(k), frame_shape, int(frame))
     linker.finish(min_frames=min_frames)
-    return linker.peak_labels(lambda k: per_frame[k].label_image(), frame_shape)
+    return linker.peak_label_pixels(labels.pixels, frame_shape)
 
 
 def link_peaks_3d(
@@ -439,14 +597,47 @@ def _as_frame_iterator(source: CountsSource, n_frames: int, what: str) -> Iterat
         raise ScanShapeError(f"{what} gave {produced} frames; the peak labels have {n_frames}")
 
 
-def _frame_values(source: np.ndarray | Callable[[int], Any] | None, n_frames: int, what: str) -> Iterator[np.ndarray | None]:
+def _frame_values(source: np.ndarray | Callable[[int], Any] | None, n_frames: int, what: str, shape: tuple[int, ...]
+                  ) -> Iterator[np.ndarray | tuple[np.ndarray, np.ndarray] | None]:
+    """Each frame of ``source``: an (H, W) array, the non-zero pixels of :class:`SparseFrames`, or None."""
     if source is None:
         return iter([None] * n_frames)
+    if isinstance(source, SparseFrames):
+        if source.shape != shape:
+            raise ScanShapeError(f"{what} must be {shape} like the peak labels, got shape {source.shape}")
+        return (source.pixels(k) for k in range(n_frames))
     return (values for values, _ in _as_frame_iterator(source, n_frames, what))
 
 
+def _values_at(frame: np.ndarray | tuple[np.ndarray, np.ndarray], flat: np.ndarray) -> np.ndarray:
+    """A frame's values at flat pixel indices; ``frame`` dense, or the pixels of a sparse one."""
+    return _sparse_at(frame, flat) if isinstance(frame, tuple) else np.asarray(frame).ravel()[flat]
+
+
+class _GoodPixels:
+    """The pixels of a frame that count (finite, non-negative, in no bad-pixel mask), worked out
+    only where asked: around the peaks, a small part of a detector frame."""
+
+    def __init__(self, values: np.ndarray, masks: Sequence[np.ndarray | None]):
+        self.values = values
+        self.masks = [np.broadcast_to(np.asarray(m, dtype=bool), values.shape) for m in masks if m is not None]
+
+    @staticmethod
+    def _good(values: np.ndarray, masks: list[np.ndarray]) -> np.ndarray:
+        bad = ~np.isfinite(values) | (values < 0)
+        for mask in masks:
+            bad |= mask
+        return ~bad
+
+    def crop(self, rows: slice, cols: slice) -> np.ndarray:
+        return self._good(self.values[rows, cols], [m[rows, cols] for m in self.masks])
+
+    def at(self, flat: np.ndarray) -> np.ndarray:
+        return self._good(self.values.ravel()[flat], [m.reshape(-1)[flat] for m in self.masks])
+
+
 def _ring_background(
-    labels: np.ndarray, counts: np.ndarray, good: np.ndarray, peak: int, where: tuple[slice, slice], annulus: int
+    labels: np.ndarray, counts: np.ndarray, good: _GoodPixels, peak: int, where: tuple[slice, slice], annulus: int
 ) -> float | None:
     """Median of good, peak-free pixels within ``annulus`` pixels of peak ``peak``'s footprint; None if none."""
     height, width = labels.shape
@@ -455,7 +646,7 @@ def _ring_background(
     crop = labels[rows, cols]
     footprint = crop == peak
     near = ndimage.binary_dilation(footprint, structure=np.ones((3, 3), bool), iterations=annulus)
-    ring = near & (crop == 0) & good[rows, cols]
+    ring = near & (crop == 0) & good.crop(rows, cols)
     if not ring.any():
         return None
     return float(np.median(counts[rows, cols][ring].astype(np.float64)))  # float32 frames: as exact as before
@@ -539,91 +730,101 @@ def peaks_table(
     col1 = np.zeros(size, np.int64)
 
     count_frames = _as_frame_iterator(counts, n_frames, "counts")
-    score_frames = _frame_values(scores, n_frames, "scores")
-    source_frames = _frame_values(sources, n_frames, "sources")
-    bad_frames = _frame_values(bad_pixels, n_frames, "bad_pixels")
+    score_frames = _frame_values(scores, n_frames, "scores", labels.shape)
+    source_frames = _frame_values(sources, n_frames, "sources", labels.shape)
+    bad_frames = _frame_values(bad_pixels, n_frames, "bad_pixels", labels.shape)
+    sparse = isinstance(labels, SparseFrames)
+    # sparse labels: the background rings look at a dense label frame, written and cleared again
+    # at the peaks' pixels only (a new 4-megapixel frame per slice costs more than the rest)
+    label_buffer = np.zeros((height, width), labels.dtype) if sparse else None
     for k in range(n_frames):
         frame_counts, frame_bad = next(count_frames)
         score_map, source_map, extra_bad = next(score_frames), next(source_frames), next(bad_frames)
-        label = labels[k]
-        # The peaks' pixels as flat indices, found once: boolean indexing of a 4-megapixel frame
-        # costs as much as this search, and every per-voxel sum below needs only these pixels.
-        footprint = np.flatnonzero(label.ravel() > 0)
-        peak_of = label.ravel()[footprint]
-        area = np.bincount(peak_of, minlength=size)
-        present = np.flatnonzero(area[1:]) + 1
-        if present.size == 0:
-            continue
-        values = np.asarray(frame_counts)  # as read (float32 filled, or stored integers)
-        if values.dtype.kind not in "iuf":
-            values = values.astype(np.float64)
-        # only the peaks' pixels and their background rings are taken, as float64, below
-        if values.shape != (height, width):
-            raise ScanShapeError(f"counts frame {k} has shape {values.shape}; the peak labels have {(height, width)}")
-        bad = ~np.isfinite(values) | (values < 0)
-        for mask in (frame_bad, extra_bad):
-            if mask is not None:
-                bad |= np.asarray(mask, dtype=bool)
-        good = ~bad
+        if sparse:
+            # the peaks' pixels as flat indices, as kept
+            footprint, peak_of = labels.pixels(k)
+            label = label_buffer
+            label.reshape(-1)[footprint] = peak_of
+        else:
+            label = labels[k]
+            # The peaks' pixels as flat indices, found once: boolean indexing of a 4-megapixel frame
+            # costs as much as this search, and every per-voxel sum below needs only these pixels.
+            footprint = np.flatnonzero(label.ravel() > 0)
+            peak_of = label.ravel()[footprint]
+        try:
+            area = np.bincount(peak_of, minlength=size)
+            present = np.flatnonzero(area[1:]) + 1
+            if present.size == 0:
+                continue
+            values = np.asarray(frame_counts)  # as read (float32 filled, or stored integers)
+            if values.dtype.kind not in "iuf":
+                values = values.astype(np.float64)
+            # only the peaks' pixels and their background rings are taken, as float64, below
+            if values.shape != (height, width):
+                raise ScanShapeError(f"counts frame {k} has shape {values.shape}; the peak labels have {(height, width)}")
+            good = _GoodPixels(values, (frame_bad, extra_bad))
 
-        # Each present peak's box in this frame, from its pixels (find_objects would scan the
-        # frame and list every peak of the scan, present or not, on every frame).
-        rows_fp, cols_fp = np.divmod(footprint, width)
-        order = np.argsort(peak_of, kind="stable")
-        starts = np.flatnonzero(np.r_[True, np.diff(peak_of[order]) != 0])  # one run per present peak
-        top, bottom = np.minimum.reduceat(rows_fp[order], starts), np.maximum.reduceat(rows_fp[order], starts) + 1
-        left, right = np.minimum.reduceat(cols_fp[order], starts), np.maximum.reduceat(cols_fp[order], starts) + 1
+            # Each present peak's box in this frame, from its pixels (find_objects would scan the
+            # frame and list every peak of the scan, present or not, on every frame).
+            rows_fp, cols_fp = np.divmod(footprint, width)
+            order = np.argsort(peak_of, kind="stable")
+            starts = np.flatnonzero(np.r_[True, np.diff(peak_of[order]) != 0])  # one run per present peak
+            top, bottom = np.minimum.reduceat(rows_fp[order], starts), np.maximum.reduceat(rows_fp[order], starts) + 1
+            left, right = np.minimum.reduceat(cols_fp[order], starts), np.maximum.reduceat(cols_fp[order], starts) + 1
 
-        background = np.zeros(size)
-        frame_level: float | None = None
-        for i, peak in enumerate(present.tolist()):
-            box = (slice(int(top[i]), int(bottom[i])), slice(int(left[i]), int(right[i])))
-            level = _ring_background(label, values, good, peak, box, background_annulus)
-            if level is None:
-                if frame_level is None:
-                    free = good & (label == 0)
-                    frame_level = float(np.median(values[free].astype(np.float64))) if free.any() else 0.0
-                level = frame_level
-            background[peak] = level
-        row0[present] = np.minimum(row0[present], top)
-        row1[present] = np.maximum(row1[present], bottom)
-        col0[present] = np.minimum(col0[present], left)
-        col1[present] = np.maximum(col1[present], right)
-        first[present] = np.minimum(first[present], k)
-        last[present] = k
+            background = np.zeros(size)
+            frame_level: float | None = None
+            for i, peak in enumerate(present.tolist()):
+                box = (slice(int(top[i]), int(bottom[i])), slice(int(left[i]), int(right[i])))
+                level = _ring_background(label, values, good, peak, box, background_annulus)
+                if level is None:
+                    if frame_level is None:
+                        free = good.crop(slice(None), slice(None)) & (label == 0)
+                        frame_level = float(np.median(values[free].astype(np.float64))) if free.any() else 0.0
+                    level = frame_level
+                background[peak] = level
+            row0[present] = np.minimum(row0[present], top)
+            row1[present] = np.maximum(row1[present], bottom)
+            col0[present] = np.minimum(col0[present], left)
+            col1[present] = np.maximum(col1[present], right)
+            first[present] = np.minimum(first[present], k)
+            last[present] = k
 
-        voxels += area
-        sum_k += area * k
-        sum_r += np.bincount(peak_of, weights=rows_fp, minlength=size)
-        sum_c += np.bincount(peak_of, weights=cols_fp, minlength=size)
+            voxels += area
+            sum_k += area * k
+            sum_r += np.bincount(peak_of, weights=rows_fp, minlength=size)
+            sum_c += np.bincount(peak_of, weights=cols_fp, minlength=size)
 
-        good_fp = good.ravel()[footprint]
-        peak_good = peak_of[good_fp]
-        good_values = values.ravel()[footprint[good_fp]].astype(np.float64)
-        net = good_values - background[peak_good]
-        n_good = np.bincount(peak_good, minlength=size)
-        good_voxels += n_good
-        intensity += np.bincount(peak_good, weights=net, minlength=size)
-        background_total += background * n_good
-        weight = np.clip(net, 0.0, None)
-        frame_w = np.bincount(peak_good, weights=weight, minlength=size)
-        sum_w += frame_w
-        sum_wk += frame_w * k
-        sum_wr += np.bincount(peak_good, weights=weight * rows_fp[good_fp], minlength=size)
-        sum_wc += np.bincount(peak_good, weights=weight * cols_fp[good_fp], minlength=size)
-        if peak_good.size:
-            frame_max = np.full(size, -np.inf)
-            np.maximum.at(frame_max, peak_good, good_values)
-            np.maximum(max_counts, frame_max, out=max_counts)
-        if score_map is not None:
-            frame_score = np.full(size, -np.inf)
-            np.maximum.at(frame_score, peak_of, np.asarray(score_map).ravel()[footprint].astype(np.float64))
-            np.maximum(best_score, frame_score, out=best_score)
-        if source_map is not None:
-            voxel_flags = np.asarray(source_map).ravel()[footprint].astype(np.uint8)
-            for bit in SOURCE_FLAGS.values():
-                has = np.bincount(peak_of, weights=(voxel_flags & bit) > 0, minlength=size) > 0
-                flags[has] |= np.uint8(bit)
+            good_fp = good.at(footprint)
+            peak_good = peak_of[good_fp]
+            good_values = values.ravel()[footprint[good_fp]].astype(np.float64)
+            net = good_values - background[peak_good]
+            n_good = np.bincount(peak_good, minlength=size)
+            good_voxels += n_good
+            intensity += np.bincount(peak_good, weights=net, minlength=size)
+            background_total += background * n_good
+            weight = np.clip(net, 0.0, None)
+            frame_w = np.bincount(peak_good, weights=weight, minlength=size)
+            sum_w += frame_w
+            sum_wk += frame_w * k
+            sum_wr += np.bincount(peak_good, weights=weight * rows_fp[good_fp], minlength=size)
+            sum_wc += np.bincount(peak_good, weights=weight * cols_fp[good_fp], minlength=size)
+            if peak_good.size:
+                frame_max = np.full(size, -np.inf)
+                np.maximum.at(frame_max, peak_good, good_values)
+                np.maximum(max_counts, frame_max, out=max_counts)
+            if score_map is not None:
+                frame_score = np.full(size, -np.inf)
+                np.maximum.at(frame_score, peak_of, _values_at(score_map, footprint).astype(np.float64))
+                np.maximum(best_score, frame_score, out=best_score)
+            if source_map is not None:
+                voxel_flags = _values_at(source_map, footprint).astype(np.uint8)
+                for bit in SOURCE_FLAGS.values():
+                    has = np.bincount(peak_of, weights=(voxel_flags & bit) > 0, minlength=size) > 0
+                    flags[has] |= np.uint8(bit)
+        finally:
+            if sparse:  # the buffer is all zeros again
+                label.reshape(-1)[footprint] = 0
 
     ids = np.flatnonzero(voxels[1:]) + 1
     weighted = sum_w[ids] > 0
@@ -874,7 +1075,8 @@ def scan_peaks(
             labels, source,
             frame_numbers=frame_numbers, axis_values=result.axis_values if len(result.axis_values) else None,
             axis_name=result.axis_name,
-            scores=lambda k: _score_image(per_frame[k]), sources=lambda k: _source_image(per_frame[k]),
+            scores=SparseFrames(lambda k: _score_pixels(per_frame[k]), len(per_frame), result.frame_shape, np.float32),
+            sources=SparseFrames(lambda k: _source_pixels(per_frame[k]), len(per_frame), result.frame_shape, np.uint8),
             bad_pixels=bad_frame if has_bad else None, background_annulus=background_annulus,
         )
     logger.info("linked %d frames of %s instances into %d 3D peaks", len(frame_numbers), model, len(table["id"]))

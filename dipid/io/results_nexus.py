@@ -86,9 +86,18 @@ _VOLUME_CHUNK = 128
 
 
 def _write_volume(group: h5py.Group, name: str, volume: np.ndarray | FrameStack, dtype: Any = None,
-                  *, on_frame: Callable[[int, np.ndarray], None] | None = None) -> h5py.Dataset:
+                  *, on_frame: Callable[[int, np.ndarray], None] | None = None,
+                  like: tuple[Any, list[list[tuple[tuple[int, int], bytes]]]] | None = None,
+                  chunks_out: list[list[tuple[tuple[int, int], bytes]]] | None = None) -> h5py.Dataset:
     """(F, H, W) volume, gzip-compressed in one chunk per frame, written a frame at a time (so a
-    :class:`FrameStack` is never built whole); ``on_frame(k, frame)`` sees each frame written."""
+    :class:`FrameStack` is never built whole); ``on_frame(k, frame)`` sees each frame written.
+
+    A volume with ``pixels(k)`` (:class:`dipid.volume.SparseFrames`) is written from each frame's
+    non-zero pixels, without its dense frames (not with ``on_frame``). ``chunks_out`` collects each
+    frame's compressed chunks; ``like``: (another such volume of this dtype, its ``chunks_out``),
+    whose chunks are written again for every frame whose pixels are the same (the joint instances
+    of a classical-only run are the classical ones).
+    """
     dtype = np.dtype(volume.dtype if dtype is None else dtype).newbyteorder("=")
     shape = tuple(int(n) for n in volume.shape)
     if not all(shape):
@@ -96,29 +105,70 @@ def _write_volume(group: h5py.Group, name: str, volume: np.ndarray | FrameStack,
     chunk = (1, min(_VOLUME_CHUNK, shape[1]), min(_VOLUME_CHUNK, shape[2]))
     dataset = group.create_dataset(name, shape=shape, dtype=dtype, chunks=chunk, fillvalue=0,
                                    **_VOLUME_COMPRESSION)
+    pixels = getattr(volume, "pixels", None) if on_frame is None else None
+    other = getattr(like[0], "pixels", None) if like is not None and pixels is not None else None
     for k in range(shape[0]):
-        frame = np.asarray(volume[k])
-        _write_label_frame(dataset, k, frame.astype(dtype, copy=False), chunk[1:])
-        if on_frame is not None:
-            on_frame(k, frame)
+        if pixels is not None:
+            flat, values = pixels(k)
+            if other is not None and all(np.array_equal(a, b) for a, b in zip((flat, values), other(k))):
+                packed = like[1][k]
+            else:
+                tiles = _label_tiles_from_pixels(flat, values.astype(dtype, copy=False), chunk[1:], shape[1:])
+                packed = [(corner, zlib.compress(tile.tobytes(), _VOLUME_LEVEL)) for corner, tile in tiles]
+        else:
+            frame = np.asarray(volume[k])
+            tiles = _label_tiles(frame.astype(dtype, copy=False), chunk[1:])
+            if on_frame is not None:
+                on_frame(k, frame)
+            packed = [(corner, zlib.compress(tile.tobytes(), _VOLUME_LEVEL)) for corner, tile in tiles]
+        for (top, left), data in packed:
+            dataset.id.write_direct_chunk((k, top, left), data)
+        if chunks_out is not None:
+            chunks_out.append(packed)
     return dataset
 
 
-def _write_label_frame(dataset: h5py.Dataset, k: int, frame: np.ndarray, chunk: tuple[int, int]) -> None:
-    """Frame k of a label volume: the chunks holding a non-zero label, compressed here and written
-    as they are stored (HDF5's direct chunk write), plus the frame's first chunk, so every frame
-    has storage (as a reader checking for frames never written expects)."""
+def _label_tiles(frame: np.ndarray, chunk: tuple[int, int]) -> list[tuple[tuple[int, int], np.ndarray]]:
+    """The chunks of a label frame to store: ((top, left), C-contiguous (rows, cols) tile) of each
+    chunk holding a non-zero label, plus the frame's first chunk, so every frame has storage (as a
+    reader checking for frames never written expects); edge chunks at full size, zero-padded."""
     rows, cols = chunk
     height, width = frame.shape
     per_row = -(-width // cols)
     r, c = np.divmod(np.flatnonzero(frame.ravel() != 0), width)
+    tiles = []
     for block in np.union1d(np.unique((r // rows) * per_row + c // cols), [0]).tolist():
         top, left = (block // per_row) * rows, (block % per_row) * cols
         tile = frame[top:top + rows, left:left + cols]
         if tile.shape != chunk:  # edge chunks are stored at full size
             tile = np.pad(tile, ((0, rows - tile.shape[0]), (0, cols - tile.shape[1])))
-        packed = zlib.compress(np.ascontiguousarray(tile).tobytes(), _VOLUME_LEVEL)
-        dataset.id.write_direct_chunk((k, top, left), packed)
+        tiles.append(((top, left), np.ascontiguousarray(tile)))
+    return tiles
+
+
+def _label_tiles_from_pixels(flat: np.ndarray, values: np.ndarray, chunk: tuple[int, int],
+                             frame_shape: tuple[int, int]) -> list[tuple[tuple[int, int], np.ndarray]]:
+    """:func:`_label_tiles` of the frame whose non-zero pixels are ``flat`` (flat indices) and
+    ``values``: the same tiles, each made from its own pixels."""
+    rows, cols = chunk
+    width = frame_shape[1]
+    per_row = -(-width // cols)
+    nonzero = values != 0
+    r, c = np.divmod(np.asarray(flat)[nonzero], width)
+    values = values[nonzero]
+    block_of = (r // rows) * per_row + c // cols
+    order = np.argsort(block_of, kind="stable")
+    blocks, starts = np.unique(block_of[order], return_index=True)
+    runs = dict(zip(blocks.tolist(), np.split(order, starts[1:]))) if blocks.size else {}
+    tiles = []
+    for block in np.union1d(blocks, [0]).tolist():
+        top, left = (block // per_row) * rows, (block % per_row) * cols
+        tile = np.zeros(chunk, values.dtype)
+        run = runs.get(block)
+        if run is not None:
+            tile[r[run] - top, c[run] - left] = values[run]
+        tiles.append(((top, left), tile))
+    return tiles
 
 
 def _write_column(group: h5py.Group, name: str, values: Any) -> h5py.Dataset:
@@ -184,6 +234,14 @@ def _peak_of_instances(peak_labels: np.ndarray, instance_labels: np.ndarray, box
     return peaks
 
 
+def _peak_of_pixels(peak_ids: np.ndarray, labels: np.ndarray, n: int) -> list[int]:
+    """:func:`_peak_of_instances` from the instances' labelled pixels: the largest of ``peak_ids``
+    (the 3D peak at each pixel) over the pixels labelled i + 1, for i < n (0 where none)."""
+    peaks = np.zeros(n, np.int64)
+    np.maximum.at(peaks, np.asarray(labels, np.int64) - 1, np.asarray(peak_ids, np.int64))
+    return peaks.tolist()
+
+
 def _instances_columns(result: ScanResult, models: Sequence[str], peaks_of: Mapping[int, list[int]],
                        peak_model: str | None) -> tuple[dict[str, Any], list[np.ndarray]]:
     """Rows of every per-frame instance of every model: model, frame, instance (1-based label in
@@ -227,6 +285,7 @@ def write_results_nexus(
     model_names: Sequence[str] | None = None,
     weights_sha256: Mapping[str, str] | None = None,
     parameters: Mapping[str, Any] | None = None,
+    label_frames: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a scan's predictions as a NeXus file, atomically (temp file, then ``os.replace``).
 
@@ -247,6 +306,9 @@ def write_results_nexus(
         weights_sha256: model name -> checkpoint sha256; default from
             ``result.metadata["parameters"]["weights"]``.
         parameters: every setting that shaped the result; default ``result.metadata["parameters"]``.
+        label_frames: model -> its (F, H, W) instance label images when already made (as
+            ``result.label_frames(model)``; :func:`dipid.volume.instance_label_frames` makes them
+            as their labelled pixels, which are written without dense frames); default made here.
     Returns:
         the destination path.
     """
@@ -272,9 +334,19 @@ def write_results_nexus(
         peak_labels = np.asarray(peak_labels)
     if tuple(peak_labels.shape) != (n_frames, height, width):
         raise ValueError(f"peak_labels have shape {peak_labels.shape}; the result holds {(n_frames, height, width)}")
-    # the peak of each instance of the linked model, per held frame, found as the labels are written
+    given = dict(label_frames or {})
+    label_frames = {m: given[m] if given.get(m) is not None else result.label_frames(m) for m in present}
+    # the peak of each instance of the linked model, per held frame: from the labelled pixels when
+    # both label stacks have them, else found as the peak labels are written
     peak_instances = result.instances(peak_model) if peak_model in present else None
     peaks_of: dict[int, list[int]] = {}
+    instance_pixels = getattr(label_frames.get(peak_model), "pixels", None)
+    sparse_peaks = peak_instances is not None and instance_pixels is not None and hasattr(peak_labels, "at")
+    if sparse_peaks:
+        for k, inst in enumerate(peak_instances):
+            if len(inst):
+                flat, labels = instance_pixels(k)
+                peaks_of[k] = _peak_of_pixels(peak_labels.at(k, flat), labels, len(inst))
 
     def instance_peaks(k: int, frame_peaks: np.ndarray) -> None:
         if peak_instances is not None and len(peak_instances[k]):
@@ -316,15 +388,19 @@ def write_results_nexus(
                            model_names=list(model_names), weights_sha256=dict(weights_sha256),
                            parameters=dict(parameters or {}))
             _write_results(entry, peak_labels, axis, axis_values, frame_numbers, result.axis_name or "frame",
-                           on_frame=instance_peaks)
+                           on_frame=None if sparse_peaks else instance_peaks)
+            written: list[tuple[Any, Any, list]] = []  # (labels, dtype, chunks) of the volumes so far
             for model in present:
-                labels = result.label_frames(model)
+                labels = label_frames[model]
                 group = entry.create_group(f"{model}_masks")
                 group.attrs["NX_class"] = "NXdata"
                 # a frame's largest label is at most its number of instances
                 most = max((len(inst) for inst in result.instances(model)), default=0)
                 dtype = np.uint16 if most <= np.iinfo(np.uint16).max else np.int32
-                dataset = _write_volume(group, "instance_labels", labels, dtype)
+                like = next(((v, c) for v, d, c in written if d == dtype), None)
+                chunks: list = []
+                dataset = _write_volume(group, "instance_labels", labels, dtype, like=like, chunks_out=chunks)
+                written.append((labels, dtype, chunks))
                 dataset.attrs["long_name"] = f"{model} instance labels (0 = none, i + 1 = instance i of the frame)"
                 if model == "ssl":
                     _write_ssl_segmentation(group, result)

@@ -18,6 +18,7 @@ from scipy import ndimage
 
 from dipid.errors import DipidError
 from dipid.results import Instances, ScanResult
+from dipid.volume import SparseFrames, _sparse_at
 
 __all__ = [
     "PALETTE",
@@ -148,8 +149,15 @@ class Outline:
     box: tuple[slice, slice]
 
 
-def label_outlines(labels: np.ndarray) -> list[Outline]:
-    """Outlines of every non-zero label of an (H, W) integer label image, in label order."""
+def label_outlines(labels: np.ndarray | tuple[np.ndarray, np.ndarray], shape: tuple[int, int] | None = None
+                   ) -> list[Outline]:
+    """Outlines of every non-zero label of an (H, W) integer label image, in label order.
+
+    ``labels`` may also be the image's non-zero pixels (:meth:`dipid.volume.SparseFrames.pixels`),
+    with the image's ``shape``: only those pixels are visited.
+    """
+    if isinstance(labels, tuple):
+        return _sparse_outlines(labels, shape)
     labels = np.asarray(labels)
     out = []
     for index, box in enumerate(ndimage.find_objects(labels.astype(np.int64, copy=False)), start=1):
@@ -158,6 +166,34 @@ def label_outlines(labels: np.ndarray) -> list[Outline]:
         region = labels[box] == index
         x, y = mask_outline(region, row_offset=box[0].start, col_offset=box[1].start)
         out.append(Outline(label=index, x=x, y=y, area=int(region.sum()), box=box))
+    return out
+
+
+def _label_runs(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pixel order grouping equal labels (raster order within each), each label's first position in
+    it and the labels, ascending."""
+    order = np.argsort(values, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(values[order]) != 0]) if values.size else np.zeros(0, np.intp)
+    return order, starts, values[order][starts]
+
+
+def _sparse_outlines(pixels: tuple[np.ndarray, np.ndarray], shape: tuple[int, int] | None) -> list[Outline]:
+    """:func:`label_outlines` of a label image given as its non-zero pixels: the same outlines, each
+    region made from its own pixels inside its box."""
+    if shape is None:
+        raise ValueError("label_outlines: the shape of the image is needed with its pixels")
+    flat, values = pixels
+    rows, cols = np.divmod(np.asarray(flat), shape[1])
+    order, starts, labels = _label_runs(np.asarray(values))
+    out = []
+    for label, run in zip(labels.tolist(), np.split(order, starts[1:])):
+        r, c = rows[run], cols[run]
+        top, left = int(r.min()), int(c.min())
+        box = (slice(top, int(r.max()) + 1), slice(left, int(c.max()) + 1))
+        region = np.zeros((box[0].stop - top, box[1].stop - left), bool)
+        region[r - top, c - left] = True
+        x, y = mask_outline(region, row_offset=top, col_offset=left)
+        out.append(Outline(label=int(label), x=x, y=y, area=int(run.size), box=box))
     return out
 
 
@@ -280,12 +316,35 @@ def _surface_pixels(before: np.ndarray | None, here: np.ndarray, after: np.ndarr
     return rows[surface], cols[surface]
 
 
-def _frames_with_neighbours(labels: Any) -> Iterator[tuple[int, np.ndarray | None, np.ndarray, np.ndarray | None]]:
-    """(k, frame k - 1, frame k, frame k + 1) of an (F, H, W) array or FrameStack, each frame read once."""
+def _sparse_surface(before: tuple[np.ndarray, np.ndarray] | None, here: tuple[np.ndarray, np.ndarray],
+                    after: tuple[np.ndarray, np.ndarray] | None, shape: tuple[int, int]
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_surface_pixels` of frames given as their non-zero pixels (``SparseFrames.pixels``),
+    and the surface pixels' labels: (rows, cols, labels), in raster order."""
+    height, width = shape
+    flat, values = here
+    rows, cols = np.divmod(flat, width)
+    surface = np.zeros(rows.size, dtype=bool)
+    for dr, dc in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+        r, c = rows + dr, cols + dc
+        inside = (r >= 0) & (r < height) & (c >= 0) & (c < width)
+        surface |= ~inside  # off the frame counts as label 0, which differs from every labelled pixel
+        surface[inside] |= _sparse_at(here, r[inside] * width + c[inside]) != values[inside]
+    for other in (before, after):
+        if other is None:  # every labelled pixel of the first / last frame is on the surface
+            return rows, cols, values
+        surface |= _sparse_at(other, flat) != values
+    return rows[surface], cols[surface], values[surface]
+
+
+def _frames_with_neighbours(labels: Any) -> Iterator[tuple[int, Any, Any, Any]]:
+    """(k, frame k - 1, frame k, frame k + 1) of an (F, H, W) array or FrameStack, each frame read
+    once; of :class:`dipid.volume.SparseFrames`, each frame's non-zero pixels."""
     n = len(labels)
-    before, here = None, (labels[0] if n else None)
+    frame = labels.pixels if isinstance(labels, SparseFrames) else labels.__getitem__
+    before, here = None, (frame(0) if n else None)
     for k in range(n):
-        after = labels[k + 1] if k + 1 < n else None
+        after = frame(k + 1) if k + 1 < n else None
         yield k, before, here, after
         before, here = here, after
 
@@ -306,9 +365,16 @@ def _surface_sample(labels: Any, max_voxels: int) -> tuple[np.ndarray, np.ndarra
     """(k, rows, cols, ids) of at most ``max_voxels`` surface voxels of an (F, H, W) label array or
     FrameStack: the subset :func:`_subsample_indices` picks from all of them in (k, row, col)
     order. Two passes over the frames (count, then pick), so only the picked voxels are held."""
+    sparse = isinstance(labels, SparseFrames)
+
+    def surface(before: Any, here: Any, after: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        if sparse:
+            return _sparse_surface(before, here, after, labels.shape[1:])
+        return (*_surface_pixels(before, here, after), None)
+
     counts = []
     for _, before, here, after in _frames_with_neighbours(labels):
-        counts.append(int(_surface_pixels(before, here, after)[0].size))
+        counts.append(int(surface(before, here, after)[0].size))
     total = int(sum(counts))
     keep = _subsample_indices(total, max_voxels)
     if keep.size < total:
@@ -319,10 +385,11 @@ def _surface_sample(labels: Any, max_voxels: int) -> tuple[np.ndarray, np.ndarra
         lo, hi = np.searchsorted(keep, [starts[k], starts[k + 1]])
         if hi == lo:
             continue
-        rows, cols = _surface_pixels(before, here, after)
+        rows, cols, ids = surface(before, here, after)
         pick = keep[lo:hi] - starts[k]
         rows, cols = rows[pick], cols[pick]
-        parts.append((np.full(rows.size, k, np.int64), rows, cols, here[rows, cols].astype(np.int64)))
+        ids = here[rows, cols] if ids is None else ids[pick]
+        parts.append((np.full(rows.size, k, np.int64), rows, cols, ids.astype(np.int64)))
     if not parts:
         empty = np.zeros(0, np.int64)
         return empty, empty, empty, empty

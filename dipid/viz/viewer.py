@@ -14,9 +14,11 @@ resolution in about 10-14 MB. Past the largest shrink, fewer frames are shown, s
 under ``max_html_bytes`` on any scan; the page says which frames it shows and how binned they are.
 The 3D peaks, the table and the outlines are those of every frame at full resolution.
 
-Memory: the label volumes and the peak labels may be :class:`dipid.results.FrameStack` (what
-:func:`view_scan_result` passes) and the counts a function reading a frame from the scan, so only
-the shown frames are ever read, one at a time; no (F, H, W) array is built.
+Memory: the label volumes and the peak labels may be :class:`dipid.results.FrameStack` and the
+counts a function reading a frame from the scan, so only the shown frames are ever read, one at a
+time; no (F, H, W) array is built. :func:`view_scan_result` passes
+:class:`dipid.volume.SparseFrames`, whose outlines and 3D voxels are drawn from their labelled
+pixels alone.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ from dipid.viz.geometry import (
     robust_maximum,
 )
 from dipid.viz.page import _html_page, packed_size, page_overhead
+from dipid.volume import SparseFrames, _sparse_at, instance_label_frames
 
 __all__ = ["build_viewer", "write_viewer", "view_scan_result", "view_results_file"]
 
@@ -160,20 +163,19 @@ def build_viewer(
 
     # Unvalidated: the traces are built here from checked arrays, and plotly's validation (a
     # read-only copy of every array, a check of every table cell) took seconds on a long scan;
-    # the figure's JSON is the same either way (tested).
-    fig = go.Figure(_validate=False)
-    _add_peak_voxels(fig, peak_label_volume, frame_numbers, axis_values, axis_label, max_voxels)
-    _add_peak_centroids(fig, peaks, axis_label)
-    image_index = len(fig.data)
+    # the figure's JSON is the same either way (tested). The traces go into the figure at once:
+    # Figure.add_trace validates each trace again, whatever the figure's _validate.
+    traces = [*_peak_voxel_traces(peak_label_volume, frame_numbers, axis_values, axis_label, max_voxels),
+              _peak_centroid_trace(peaks, axis_label)]
+    image_index = len(traces)
     image = _FrameImages(counts, volumes[default_model], peak_label_volume, shown, max_image_bytes, image_shrink)
-    fig.add_trace(image.trace(int(shown[start])))
-    fig.add_trace(image.colorbar_trace())
-    outline_start = len(fig.data)
+    traces += [image.trace(int(shown[start])), image.colorbar_trace()]
+    outline_start = len(traces)
     first_outlines = _frame_outline_traces(volumes, models, peak_label_volume, int(shown[start]))
-    for trace in first_outlines:
-        fig.add_trace(trace)
+    traces += first_outlines
     n_outline = len(first_outlines)
-    fig.add_trace(_table_trace(peaks, axis_label))
+    traces.append(_table_trace(peaks, axis_label))
+    fig = go.Figure(data=traces, _validate=False)
 
     frames = []
     for k in shown.tolist():
@@ -382,6 +384,7 @@ def view_scan_result(
     *,
     peak_table: Mapping[str, Sequence[Any]] | Any | None = None,
     peak_label_volume: np.ndarray | None = None,
+    label_volumes: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> Path:
     """Write the viewer of a ScanResult to ``path`` (one standalone HTML file); returns the path.
@@ -400,6 +403,8 @@ def view_scan_result(
         peak_table, peak_label_volume: 3D peaks over ``result.frame_numbers`` (see build_viewer).
             A :class:`dipid.volume.Peaks3D` may be passed as ``peak_table``: its ``table`` and
             ``label_frames`` are used.
+        label_volumes: model -> its instance label images, when already made (default:
+            :func:`dipid.volume.instance_label_frames` of each model the result holds).
         kwargs: further build_viewer / write_viewer options (max_frames, max_voxels, title, ...).
     """
     frames = result.frame_numbers
@@ -424,8 +429,11 @@ def view_scan_result(
             raise DipidError(f"view_scan_result: counts of shape {counts.shape} do not match frames of "
                              f"shape {tuple(result.frame_shape)}; pass the scan's (F, H, W) detector data")
         counts = result.held(counts, what="view_scan_result: counts")
-    models = result.models_present()
-    label_volumes = {m: result.label_frames(m) for m in models}
+    given = dict(label_volumes or {})
+    # as their labelled pixels: outlines and 3D voxels are drawn from those alone
+    label_volumes = {m: given[m] if given.get(m) is not None else instance_label_frames(result.instances(m),
+                                                                                         result.frame_shape)
+                     for m in result.models_present()}
     axis_values, axis_name = _scan_axis(result)
     scan_name = Path(result.scan_path).name if result.scan_path else "scan"
     kwargs.setdefault("title", f"{scan_name}: {len(frames)} frames, scan axis {result.axis_name}")
@@ -475,16 +483,17 @@ def _check_volumes(label_volumes: Mapping[str, np.ndarray], peak_label_volume: n
     return volumes, shape
 
 
-def _add_peak_voxels(fig: go.Figure, peak_labels: np.ndarray | FrameStack, frame_numbers: np.ndarray,
-                     axis_values: np.ndarray, axis_label: str, max_voxels: int) -> None:
+def _peak_voxel_traces(peak_labels: np.ndarray | FrameStack, frame_numbers: np.ndarray, axis_values: np.ndarray,
+                       axis_label: str, max_voxels: int) -> list[go.Scatter3d]:
     """One Scatter3d per palette colour, holding the surface voxels of the peaks of that colour."""
     k, rows, cols, ids = _surface_sample(peak_labels, max_voxels)
     colour_index = (ids - 1) % len(PALETTE)
     hover = (f"3D peak %{{customdata[0]}}<br>frame %{{customdata[1]}}<br>{axis_label} %{{y:.5g}}"
              "<br>row %{z}, column %{x}<extra></extra>")
+    traces = []
     for c, colour in enumerate(PALETTE):
         sel = colour_index == c
-        fig.add_trace(go.Scatter3d(
+        traces.append(go.Scatter3d(
             x=cols[sel].astype(np.uint16), y=axis_values[k[sel]].astype(np.float32), z=rows[sel].astype(np.uint16),
             customdata=np.stack([ids[sel], frame_numbers[k[sel]]], axis=1).astype(np.int32),
             mode="markers", marker=dict(size=2.5, color=colour, line=dict(width=0)),
@@ -492,9 +501,10 @@ def _add_peak_voxels(fig: go.Figure, peak_labels: np.ndarray | FrameStack, frame
             opacity=0.3,
             hovertemplate=hover, name=f"peaks colour {c}",
         ))
+    return traces
 
 
-def _add_peak_centroids(fig: go.Figure, peaks: _Peaks, axis_label: str) -> None:
+def _peak_centroid_trace(peaks: _Peaks, axis_label: str) -> go.Scatter3d:
     texts = []
     for i in range(peaks.ids.size):
         parts = [f"<b>3D peak {peaks.ids[i]}</b>", f"frames {peaks.first_frame[i]}–{peaks.last_frame[i]}",
@@ -506,14 +516,14 @@ def _add_peak_centroids(fig: go.Figure, peaks: _Peaks, axis_label: str) -> None:
         if peaks.models is not None and peaks.models[i] not in ("unknown", "none", ""):
             parts.append(f"models {peaks.models[i]}")
         texts.append("<br>".join(parts))
-    fig.add_trace(go.Scatter3d(
+    return go.Scatter3d(
         x=peaks.centroid_col, y=peaks.centroid_axis, z=peaks.centroid_row,
         mode="markers+text", text=[str(i) for i in peaks.ids], textposition="top center",
         textfont=dict(size=13, color="black"),
         marker=dict(size=7, symbol="diamond", color=[_peak_colour(i) for i in peaks.ids],
                     line=dict(width=1, color="black")),
         hovertext=texts, hovertemplate="%{hovertext}<extra></extra>", name="3D peak centroids",
-    ))
+    )
 
 
 def _number_text(value: float) -> str:
@@ -659,16 +669,16 @@ def _frame_outline_traces(volumes: Mapping[str, np.ndarray], models: Sequence[st
     An instance takes the colour of the 3D peak it overlaps most, so outlines match the 3D view.
     """
     traces = []
-    frame_peaks = peak_labels[k]
-    done: list[tuple[np.ndarray, list[list[tuple[Outline, int]]]]] = []
+    frame_peaks = _frame(peak_labels, k)
+    done: list[tuple[Any, list[list[tuple[Outline, int]]]]] = []
     for model in models:
-        labels = volumes[model][k]
+        labels = _frame(volumes[model], k)
         # a model whose instances are another's (joint of a classical-only run) reuses its outlines
-        per_colour = next((outlines for seen, outlines in done if np.array_equal(seen, labels)), None)
+        per_colour = next((outlines for seen, outlines in done if _same_frame(seen, labels)), None)
         if per_colour is None:
             per_colour = [[] for _ in PALETTE]
-            for outline in label_outlines(labels):
-                peak = _dominant_peak(frame_peaks[outline.box][labels[outline.box] == outline.label])
+            for outline in label_outlines(labels, volumes[model].shape[1:]):
+                peak = _dominant_peak(_peaks_under(frame_peaks, labels, outline, volumes[model].shape[2]))
                 colour = (peak - 1) % len(PALETTE) if peak else (outline.label - 1) % len(PALETTE)
                 per_colour[colour].append((outline, peak))
             done.append((labels, per_colour))
@@ -689,6 +699,33 @@ def _frame_outline_traces(volumes: Mapping[str, np.ndarray], models: Sequence[st
     return traces
 
 
+def _frame(volume: Any, k: int) -> Any:
+    """Frame k of a label volume: its non-zero pixels for :class:`SparseFrames`, else the (H, W) image."""
+    return volume.pixels(k) if isinstance(volume, SparseFrames) else volume[k]
+
+
+def _same_frame(a: Any, b: Any) -> bool:
+    """Whether two frames from :func:`_frame` hold the same labels."""
+    if isinstance(a, tuple) != isinstance(b, tuple):
+        return False
+    if isinstance(a, tuple):
+        return all(np.array_equal(x, y) for x, y in zip(a, b))
+    return np.array_equal(a, b)
+
+
+def _peaks_under(frame_peaks: Any, labels: Any, outline: Outline, width: int) -> np.ndarray:
+    """The 3D peak ids (frame from :func:`_frame`) under the pixels of ``outline``'s region of ``labels``."""
+    if isinstance(labels, tuple):
+        flat, values = labels
+        where = flat[values == outline.label]
+    else:
+        rows, cols = np.nonzero(labels[outline.box] == outline.label)
+        where = (rows + outline.box[0].start) * width + cols + outline.box[1].start
+    if isinstance(frame_peaks, tuple):
+        return _sparse_at(frame_peaks, where)
+    return np.asarray(frame_peaks).reshape(-1)[where]
+
+
 def _table_trace(peaks: _Peaks, axis_label: str) -> go.Table:
     columns: dict[str, list[Any]] = {
         "peak": peaks.ids.tolist(),
@@ -707,9 +744,10 @@ def _table_trace(peaks: _Peaks, axis_label: str) -> go.Table:
     fills = [id_fill] + [["#f7f7f7"] * peaks.ids.size] * (len(columns) - 1)
     return go.Table(
         domain=dict(x=[0.47, 1.0], y=[0.0, 0.4]),
-        header=dict(values=[f"<b>{html.escape(c)}</b>" for c in columns], fill_color="#d9d9d9", align="center",
-                    font=dict(size=12)),
-        cells=dict(values=list(columns.values()), fill_color=fills, align="center", font=dict(size=11), height=22),
+        # nested dicts, not plotly's "fill_color" shorthand: an unvalidated trace keeps names as given
+        header=dict(align="center", font=dict(size=12), values=[f"<b>{html.escape(c)}</b>" for c in columns],
+                    fill=dict(color="#d9d9d9")),
+        cells=dict(align="center", font=dict(size=11), height=22, values=list(columns.values()), fill=dict(color=fills)),
         columnwidth=[0.6, 1.0, 1.0, 0.8, 0.8, 0.8, 1.1, 0.8, 1.2][: len(columns)],
         name="3D peaks",
         _validate=False,  # plain lists of numbers and strings; see build_viewer
@@ -724,7 +762,10 @@ def _start_position(shown: np.ndarray, frame_numbers: np.ndarray, labels: np.nda
             raise DipidError(f"build_viewer: start_frame {start_frame} is not among the frames shown "
                              f"({', '.join(map(str, frame_numbers[shown][:8].tolist()))}, ...)")
         return int(matches[0])
-    n_instances = [int(np.count_nonzero(np.bincount(labels[k].ravel())[1:])) for k in shown.tolist()]
+    if isinstance(labels, SparseFrames):
+        n_instances = [int(np.unique(labels.pixels(k)[1]).size) for k in shown.tolist()]
+    else:
+        n_instances = [int(np.count_nonzero(np.bincount(labels[k].ravel())[1:])) for k in shown.tolist()]
     return int(np.argmax(n_instances))
 
 
