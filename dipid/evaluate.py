@@ -179,7 +179,9 @@ def evaluate(
     Args:
         predictor: a :class:`dipid.predict.JointPredictor`.
         data: COCO file(s), a folder of them, or LabelSet(s).
-        models: subset of tlm/ssl/joint/classical (default: all the predictor can run).
+        models: subset of tlm/ssl/joint/classical (default: all the predictor can run). With
+            tlm or ssl among them the networks run on every frame (a ``classical_gate`` setting
+            is switched off for the run; `joint` is the same with it or without).
         tta: also predict the flipped and rotated views and merge them (:func:`merge_views`).
         group_of: scan name -> group name; each group is also scored on its own (``per_group``),
             from the same predictions.
@@ -191,6 +193,9 @@ def evaluate(
     for m in models:
         if m not in MODEL_KINDS or m not in predictor.available_models:
             raise UnknownNameError("model", m, predictor.available_models)
+    if getattr(predictor.settings, "classical_gate", False) and {"tlm", "ssl"} & set(models):
+        # The networks' own rows need them run on every frame; `joint` is the same either way.
+        predictor = predictor.with_settings(classical_gate=False)
     views = _tta_views() if tta else [(lambda a: a, lambda a: a)]
 
     gt: list[np.ndarray] = []

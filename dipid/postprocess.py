@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from scipy import ndimage
@@ -25,6 +25,7 @@ __all__ = [
     "mask_nms",
     "connected_instances",
     "fuse_instances",
+    "fusion_keeps_only_candidates",
     "FUSION_ANCHORS",
 ]
 
@@ -364,6 +365,31 @@ def fuse_instances(
     logger.debug("fused %d %s candidates + %s -> %d instances (%d confirmed)", len(candidates), anchor,
                  " + ".join(str(len(ev.masks)) for ev in evidence), keep.size, int(confirmed.sum()))
     return FusedInstances(masks[keep], scores32[keep], sources[keep])
+
+
+def fusion_keeps_only_candidates(
+    *,
+    anchor: str = "tlm",
+    tlm_min_score: float = 0.0,
+    add_unmatched_ssl: bool = True,
+    add_unmatched_classical: bool = False,
+    add_agreeing_evidence: bool = False,
+    **_other: Any,
+) -> bool:
+    """Whether :func:`fuse_instances` with these options returns only the anchor's candidates.
+
+    True when no evidence can join `joint` without a candidate: no lone SSLM components (step 4),
+    no agreeing pairs (step 5), and no lone instances of the third detector (the classical finder's
+    with ``anchor="tlm"``, the TLM's with ``anchor="classical"``, whose lone instances join when
+    ``tlm_min_score`` <= 1). Then a frame on which the anchor finds nothing has an empty `joint`
+    whatever the other detectors say, so they need not run on it. Takes the keyword options of
+    :func:`fuse_instances` (others are ignored).
+    """
+    if anchor not in FUSION_ANCHORS:
+        raise UnknownNameError("fusion anchor", anchor, FUSION_ANCHORS)
+    if add_unmatched_ssl or add_agreeing_evidence:
+        return False
+    return not add_unmatched_classical if anchor == "tlm" else tlm_min_score > 1.0
 
 
 @dataclass

@@ -13,31 +13,27 @@ turning model outputs into instances (and fusing them) in :mod:`dipid.decode`, t
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import queue
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import closing
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from dipid.classical import ClassicalFinder
 from dipid.decode import classical_instances, joint_instances, ssl_output, tlm_instances
 from dipid.errors import DipidError, UnknownNameError
 from dipid.io import Scan, fill_bad_pixels, open_scan
-from dipid.models.device import resolve_device
-from dipid.models.inference import inference_copy
-from dipid.models.normalize import normalize_counts
-from dipid.models.sslm import assign_channels
-from dipid.models.weights import load_weights
-from dipid.postprocess import FUSION_ANCHORS
+from dipid.postprocess import FUSION_ANCHORS, fusion_keeps_only_candidates
 from dipid.results import (
     MODEL_KINDS,
     ImageResult,
@@ -46,7 +42,17 @@ from dipid.results import (
     SSLOutput,
     check_model,
 )
-from dipid.tiling import in_core, merge_tiled_instances, shift_instances, tile_grid
+from dipid.tiling import (
+    in_core,
+    merge_tiled_instances,
+    shift_instances,
+    tile_grid,
+    window_instances,
+)
+
+if TYPE_CHECKING:  # annotations only: torch (and dipid.models, which loads torchvision) is imported
+    # where a network is built, loaded or run, so classical-only prediction never pays for it
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +143,14 @@ class PredictorSettings:
             equal the unoptimised models' to float rounding. False: plain eval-mode copies.
         proposals: RPN proposals per frame that reach the TLM's box head (None: the model's own
             ``rpn_post_nms_top_n_test``). The box head's cost grows with it.
+        classical_gate: when `joint` is computed, run the networks only on frames (and, on large
+            frames, tiles) where the classical finder finds a peak; elsewhere ``tlm`` and ``ssl``
+            are None ("not run") and `joint` is empty. `joint` is the same as without the gate,
+            because the fusion keeps only classical peaks (needs ``fusion_anchor="classical"``
+            and a fusion that adds none of the networks' own peaks, see
+            :func:`dipid.postprocess.fusion_keeps_only_candidates`); the networks' time on
+            empty frames is saved. The TLM and SSLM rows of gated frames are then not theirs to
+            judge: turn it off to study the networks alone.
     """
 
     threshold: float = 0.4
@@ -164,12 +178,19 @@ class PredictorSettings:
     amp: bool = True
     optimize: bool = True
     proposals: int | None = None
+    classical_gate: bool = False
 
     def __post_init__(self) -> None:
         if self.fusion_anchor not in FUSION_ANCHORS:
             raise UnknownNameError("fusion anchor", self.fusion_anchor, FUSION_ANCHORS)
         if self.fusion_anchor == "classical" and not self.fusion_classical:
             raise DipidError("fusion_anchor='classical' needs fusion_classical=True (the classical finder must run)")
+        if self.classical_gate and not (self.fusion_anchor == "classical"
+                                        and fusion_keeps_only_candidates(**self.fusion_options())):
+            raise DipidError(
+                "classical_gate=True would change `joint`: it needs fusion_anchor='classical' and a fusion that "
+                "adds no peak of the networks' own (fusion_add_unmatched_ssl=False, fusion_add_agreeing=False, "
+                "fusion_tlm_min_score > 1); set classical_gate=False or change those settings")
 
     def fusion_options(self) -> dict[str, Any]:
         """The keyword arguments of :func:`dipid.postprocess.fuse_instances` these settings give."""
@@ -194,6 +215,9 @@ class JointPredictor:
     The models given are never modified (they may still be trained or saved): the predictor runs
     its own eval-mode inference copies on its device (see ``PredictorSettings.optimize``), and
     whatever a prediction sets up (e.g. the channel roles of an untrained SSLM) stays on them.
+
+    A predictor without networks (``JointPredictor()``, the classical finder only) never imports
+    torch: it works on numpy arrays.
     """
 
     def __init__(
@@ -207,17 +231,27 @@ class JointPredictor:
         settings: PredictorSettings | None = None,
         weights_info: dict[str, Any] | None = None,
     ):
-        self.device = resolve_device(device)
         base = settings or PredictorSettings()
         self.settings = PredictorSettings(**{**asdict(base), "threshold": threshold if settings is None else base.threshold})
         self.tlm = tlm
         self.sslm = sslm
-        optimize = self.settings.optimize
-        self._tlm_run = None if tlm is None else inference_copy(
-            tlm, device=self.device, fold_norms=optimize, channels_last=optimize,
-            min_score=self.settings.threshold, proposals=self.settings.proposals)
-        self._sslm_run = None if sslm is None else inference_copy(
-            sslm, device=self.device, fold_norms=optimize, channels_last=optimize)
+        # What was asked for; resolved (torch imported) now when a network is given, else on
+        # first use of `device` only: the classical finder is NumPy and needs no device.
+        self._device_request = device
+        self._device: torch.device | None = None
+        self._tlm_run = self._sslm_run = None
+        if tlm is not None or sslm is not None:
+            # torch, torchvision: only a predictor with networks loads them
+            from dipid.models.device import resolve_device
+            from dipid.models.inference import inference_copy
+
+            self._device = resolve_device(device)
+            optimize = self.settings.optimize
+            self._tlm_run = None if tlm is None else inference_copy(
+                tlm, device=self._device, fold_norms=optimize, channels_last=optimize,
+                min_score=self.settings.threshold, proposals=self.settings.proposals)
+            self._sslm_run = None if sslm is None else inference_copy(
+                sslm, device=self._device, fold_norms=optimize, channels_last=optimize)
         self.classical = classical if classical is not None else ClassicalFinder()
         self.weights_info = dict(weights_info or {})
 
@@ -239,6 +273,9 @@ class JointPredictor:
                 a checkpoint that does not match its sha256 sum.
             DipidError: ``settings.json`` is not a JSON object of known settings.
         """
+        # torch: checkpoints load into networks
+        from dipid.models.weights import load_weights
+
         weights = load_weights(path_or_name)
         info: dict[str, Any] = dict(weights.info)
         if weights.settings_file is not None and kwargs.get("settings") is None:
@@ -250,6 +287,38 @@ class JointPredictor:
         return cls(tlm=weights.models.get("tlm"), sslm=weights.models.get("sslm"), device=device,
                    weights_info=info, **kwargs)
 
+    def with_settings(self, **changes: Any) -> "JointPredictor":
+        """This predictor with some :class:`PredictorSettings` changed, e.g.
+        ``with_settings(classical_gate=False)``. The models are shared, and so are their inference
+        copies unless a change shapes them (``threshold``, ``proposals``, ``optimize``).
+
+        Raises:
+            UnknownNameError: a name that is not a setting (the valid ones listed).
+        """
+        valid = [f.name for f in fields(PredictorSettings)]
+        for name in changes:
+            if name not in valid:
+                raise UnknownNameError("predictor setting", name, valid)
+        settings = replace(self.settings, **changes)
+        if any(getattr(settings, name) != getattr(self.settings, name) for name in ("threshold", "proposals", "optimize")):
+            device = self._device if self._device is not None else self._device_request
+            return JointPredictor(tlm=self.tlm, sslm=self.sslm, classical=self.classical, device=device,
+                                  settings=settings, weights_info=self.weights_info)
+        twin = copy.copy(self)
+        twin.settings = settings
+        return twin
+
+    @property
+    def device(self) -> torch.device:
+        """The torch device the networks run on. A classical-only predictor resolves the
+        ``device=`` it was given (importing torch) only when this is asked for."""
+        if self._device is None:
+            # torch: asked for on a classical-only predictor
+            from dipid.models.device import resolve_device
+
+            self._device = resolve_device(self._device_request)
+        return self._device
+
     @property
     def available_models(self) -> tuple[str, ...]:
         """Models this predictor can run: a subset of ("tlm", "ssl", "joint", "classical")."""
@@ -260,7 +329,9 @@ class JointPredictor:
 
     def parameters_dict(self) -> dict[str, Any]:
         """Every setting that shaped a result, for provenance."""
-        return {**asdict(self.settings), "device": str(self.device), "weights": self.weights_info}
+        # Without networks only the classical finder ran, NumPy on the CPU whatever device was asked for.
+        device = str(self.device) if self._tlm_run is not None or self._sslm_run is not None else "cpu"
+        return {**asdict(self.settings), "device": device, "weights": self.weights_info}
 
     def _runnable(self, models: str | Iterable[str] | None) -> tuple[str, ...]:
         """:func:`select_models`, less the networks this predictor does not hold."""
@@ -268,7 +339,6 @@ class JointPredictor:
         return tuple(name for name in select_models(models) if present[name])
 
     # ------------------------------------------------------------------ core, batched
-    @torch.inference_mode()
     def predict_frames(
         self,
         counts: np.ndarray | torch.Tensor,
@@ -281,7 +351,8 @@ class JointPredictor:
         """Predict a batch of frames.
 
         Args:
-            counts: (B, H, W) counts with bad pixels already filled (float32 preferred).
+            counts: (B, H, W) counts with bad pixels already filled (float32 preferred): a numpy
+                array (made a torch tensor only for the networks) or a torch tensor.
             bad_pixels: (B, H, W) bool, pixels to exclude from metrics (kept on the results).
             frame_numbers: B frame numbers to record (default None each).
             models: which models run (see :func:`select_models`; default tlm and ssl); a network
@@ -292,29 +363,37 @@ class JointPredictor:
         Raises:
             UnknownNameError: ``models`` names something that is not a model.
         """
-        counts_t = torch.as_tensor(np.asarray(counts, dtype=np.float32) if not isinstance(counts, torch.Tensor) else counts)
-        if counts_t.ndim == 2:
-            counts_t = counts_t[None]
-        numbers = list(frame_numbers) if frame_numbers is not None else [None] * len(counts_t)
-        return self._predict(counts_t, bad_pixels, numbers, self._runnable(models), keep_probability=keep_probability)
+        if not _is_tensor(counts):
+            counts = np.asarray(counts, dtype=np.float32)
+        if counts.ndim == 2:
+            counts = counts[None]
+        numbers = list(frame_numbers) if frame_numbers is not None else [None] * len(counts)
+        return self._predict(counts, bad_pixels, numbers, self._runnable(models), keep_probability=keep_probability)
 
     def _predict(
         self,
-        counts_t: torch.Tensor,
+        counts: np.ndarray | torch.Tensor,
         bad_pixels: np.ndarray | None,
         frame_numbers: list[int | None],
         run: tuple[str, ...],
         *,
         keep_probability: bool,
+        classical_sets: list[Instances] | None = None,
     ) -> list[ImageResult]:
-        """predict_frames with the models to run already resolved: (B, H, W) counts -> B results."""
-        batch, height, width = counts_t.shape
+        """predict_frames with the models to run already resolved: (B, H, W) counts (float32
+        numpy, or a torch tensor) -> B results.
+
+        ``classical_sets``: the B frames' classical peaks when the caller found them already (a
+        large frame's tiles get the peaks found once on the whole frame); else the finder runs
+        here when asked for or fused into `joint`.
+        """
+        batch, height, width = counts.shape
         shape = (height, width)
         # Only the networks need tiles (their memory grows with the image); the classical finder
         # is whole-frame NumPy and runs on whole frames (see _predict_tiled).
         if max(height, width) > self.settings.tile_size and ("tlm" in run or "ssl" in run):
             return [
-                self._predict_tiled(counts_t[b].cpu().numpy(), None if bad_pixels is None else np.asarray(bad_pixels[b]),
+                self._predict_tiled(_numpy(counts[b]), None if bad_pixels is None else np.asarray(bad_pixels[b]),
                                     frame_numbers[b], run, keep_probability=keep_probability)
                 for b in range(batch)
             ]
@@ -322,51 +401,61 @@ class JointPredictor:
         nms_iou = s.nms_iou if s.nms else None
         timings: dict[str, float] = {}
 
-        x = None
-        if "tlm" in run or "ssl" in run:  # the networks' input; the classical finder works on counts
-            t0 = time.perf_counter()
-            x = normalize_counts(counts_t.to(self.device, non_blocking=True))[:, None]  # (B, 1, H, W)
-            timings["normalize"] = time.perf_counter() - t0
-
-        tlm_sets: list[Instances | None] = [None] * batch
-        if "tlm" in run:
-            t0 = time.perf_counter()
-            with self._autocast():
-                tlm_sets = [tlm_instances(out, threshold=s.threshold, mask_threshold=s.mask_threshold,
-                                          min_area=s.min_area, nms_iou=nms_iou) for out in self._tlm_run(x)]
-            timings["tlm"] = time.perf_counter() - t0
-
-        ssl_outputs: list[SSLOutput | None] = [None] * batch
-        if "ssl" in run:
-            t0 = time.perf_counter()
-            with self._autocast():
-                probability = self._ssl_probability(x).cpu().numpy()
-                ssl_outputs = [ssl_output(p, threshold=s.ssl_threshold, min_area=s.min_area,
-                                          keep_probability=keep_probability) for p in probability]
-            timings["ssl"] = time.perf_counter() - t0
-
-        classical_sets: list[Instances | None] = [None] * batch
-        # The classical finder also runs when joint fuses it in, but is reported only when asked for.
+        # The classical finder also runs when joint fuses it in, but is reported only when asked
+        # for. It runs first: with the gate, its peaks say which frames the networks see.
         report_classical = "classical" in run
         classical_for_joint = s.fusion_classical and "tlm" in run and "ssl" in run
-        if report_classical or classical_for_joint:
+        if classical_sets is None and (report_classical or classical_for_joint):
             t0 = time.perf_counter()
-            classical_sets = [classical_instances(r) for r in self.classical(counts_t.cpu().numpy(), bad_pixels)]
+            classical_sets = [classical_instances(r) for r in self.classical(_numpy(counts), bad_pixels)]
             seconds = time.perf_counter() - t0
             if report_classical:
                 timings["classical"] = seconds
             if classical_for_joint:
                 timings["joint_classical"] = seconds  # joint's cost includes the finder it fuses in
+        found = classical_sets if classical_sets is not None else [None] * batch
+
+        seen = list(range(batch))  # the frames the networks run on
+        if s.classical_gate and classical_for_joint:
+            seen = [b for b in seen if len(found[b])]
+
+        tlm_sets: list[Instances | None] = [None] * batch
+        ssl_outputs: list[SSLOutput | None] = [None] * batch
+        if seen and ("tlm" in run or "ssl" in run):
+            # torch, torchvision: only the networks need them (a predictor holding one has loaded them)
+            import torch
+
+            from dipid.models.normalize import normalize_counts
+
+            with torch.inference_mode():
+                t0 = time.perf_counter()
+                picked = torch.as_tensor(counts if len(seen) == batch else counts[seen])
+                x = normalize_counts(picked.to(self.device, non_blocking=True))[:, None]  # (B', 1, H, W)
+                timings["normalize"] = time.perf_counter() - t0
+                if "tlm" in run:
+                    t0 = time.perf_counter()
+                    with self._autocast():
+                        for b, out in zip(seen, self._tlm_run(x)):
+                            tlm_sets[b] = tlm_instances(out, threshold=s.threshold, mask_threshold=s.mask_threshold,
+                                                        min_area=s.min_area, nms_iou=nms_iou)
+                    timings["tlm"] = time.perf_counter() - t0
+                if "ssl" in run:
+                    t0 = time.perf_counter()
+                    with self._autocast():
+                        probability = self._ssl_probability(x).cpu().numpy()
+                        for b, p in zip(seen, probability):
+                            ssl_outputs[b] = ssl_output(p, threshold=s.ssl_threshold, min_area=s.min_area,
+                                                        keep_probability=keep_probability)
+                    timings["ssl"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         fusion = s.fusion_options()
+        # A gated frame has no network output and no classical peak: its joint is that empty set.
         joint_sets = [
-            joint_instances(tlm_sets[b], ssl_outputs[b], classical_sets[b], shape, fusion=fusion,
+            joint_instances(tlm_sets[b], ssl_outputs[b], found[b], shape, fusion=fusion,
                             classical_evidence=s.fusion_classical, nms_iou=nms_iou)
             for b in range(batch)
         ]
-        if not report_classical:
-            classical_sets = [None] * batch
         timings["fuse"] = time.perf_counter() - t0
 
         per_frame = {k: v / batch for k, v in timings.items()}
@@ -377,7 +466,7 @@ class JointPredictor:
                 joint=joint_sets[b],
                 tlm=tlm_sets[b],
                 ssl=ssl_outputs[b],
-                classical=classical_sets[b],
+                classical=found[b] if report_classical else None,
                 bad_pixels=None if bad_pixels is None else np.asarray(bad_pixels[b], dtype=bool),
                 timings=dict(per_frame),
             )
@@ -386,11 +475,16 @@ class JointPredictor:
 
     def _autocast(self):
         """bf16 autocast on CUDA when ``settings.amp``; a no-op context otherwise."""
+        import torch  # only called where a network runs
+
         enabled = self.settings.amp and self.device.type == "cuda"
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def _ssl_probability(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W) network input -> (B, H, W) float32 SSLM peak probability."""
+        # torch: only called where the SSLM runs
+        from dipid.models.sslm import assign_channels
+
         sslm = self._sslm_run
         if sslm.config.channel_roles is None:
             logger.warning(
@@ -406,21 +500,35 @@ class JointPredictor:
         keep_probability: bool,
     ) -> ImageResult:
         """One large frame (H, W): the networks in overlapping tiles, instances merged across tile
-        borders; the reported classical peaks found on the whole frame."""
+        borders. The classical finder runs once, on the whole frame: its peaks are reported, and
+        each tile's part of them is what that tile's `joint` fuses (and, with the gate, whether
+        the networks run on the tile at all: an empty tile costs nothing)."""
         shape = counts.shape
-        whole_frame_classical = "classical" in run
-        run = tuple(name for name in run if name != "classical")
-        tiles = tile_grid(shape, tile=self.settings.tile_size, overlap=self.settings.tile_overlap)
-        found: dict[str, list[Instances]] = {"tlm": [], "ssl": [], "joint": [], "classical": []}
-        probability = np.zeros(shape, np.float32) if "ssl" in run and keep_probability else None
+        s = self.settings
+        classical_for_joint = s.fusion_classical and "tlm" in run and "ssl" in run
         timings: dict[str, float] = {}
+        report_classical = "classical" in run
+        whole: Instances | None = None
+        if report_classical or classical_for_joint:
+            t0 = time.perf_counter()
+            whole = classical_instances(self.classical(counts[None], None if bad is None else bad[None])[0])
+            timings["classical" if report_classical else "joint_classical"] = time.perf_counter() - t0
+        run = tuple(name for name in run if name != "classical")
+        tiles = tile_grid(shape, tile=s.tile_size, overlap=s.tile_overlap)
+        tile_peaks = [window_instances(whole, t) for t in tiles] if classical_for_joint else None
+        if tile_peaks is not None and s.classical_gate:
+            kept = [k for k, peaks in enumerate(tile_peaks) if len(peaks)]
+            tiles, tile_peaks = [tiles[k] for k in kept], [tile_peaks[k] for k in kept]
+        found: dict[str, list[Instances]] = {"tlm": [], "ssl": [], "joint": []}
+        probability = np.zeros(shape, np.float32) if "ssl" in run and keep_probability else None
         chunk = 8  # tiles per model call: memory is bounded by the tile batch, not the frame
         for start in range(0, len(tiles), chunk):
             group = tiles[start:start + chunk]
-            tile_counts = torch.from_numpy(np.stack([counts[t.slices] for t in group]))
+            tile_counts = np.stack([counts[t.slices] for t in group])
             tile_bad = None if bad is None else np.stack([bad[t.slices] for t in group])
             results = self._predict(tile_counts, tile_bad, [None] * len(group), run,
-                                    keep_probability=probability is not None)
+                                    keep_probability=probability is not None,
+                                    classical_sets=None if tile_peaks is None else tile_peaks[start:start + chunk])
             for tile, res in zip(group, results):
                 for kind in found:
                     if res.has(kind):
@@ -431,16 +539,12 @@ class JointPredictor:
                 for k, v in res.timings.items():
                     timings[k] = timings.get(k, 0.0) + v
         merged = {k: merge_tiled_instances(v, shape) if v else None for k, v in found.items()}
-        if whole_frame_classical:
-            t0 = time.perf_counter()
-            whole = self.classical(counts[None], None if bad is None else bad[None])[0]
-            merged["classical"] = classical_instances(whole)
-            timings["classical"] = time.perf_counter() - t0
         ssl = None
         if merged["ssl"] is not None:
             ssl = SSLOutput(probability=probability, mask=merged["ssl"].union_mask(), instances=merged["ssl"])
         return ImageResult(frame=frame, shape=shape, joint=merged["joint"] or Instances.empty(shape), tlm=merged["tlm"],
-                           ssl=ssl, classical=merged["classical"], bad_pixels=bad, timings=timings)
+                           ssl=ssl, classical=whole if report_classical else None,
+                           bad_pixels=bad, timings=timings)
 
     # ------------------------------------------------------------------ the DiPID API
     def predict_one_image(
@@ -516,13 +620,20 @@ class JointPredictor:
                 bar.update(len(batch.frames))
         scan.check_frames(start, stop)  # warnings about NaN / empty frames; NoValidPixelsError if nothing was measurable
         axis = scan.axis
+        metadata = {"scan": scan.metadata.to_dict(), "models": list(run), "parameters": self.parameters_dict()}
+        networks = [name for name in ("tlm", "ssl") if name in run]
+        gated = [number for number, result in frames.items() if networks and not result.has(networks[0])]
+        if gated:  # said in the result (and its NeXus file): their tlm/ssl rows are "not run", not "nothing found"
+            metadata["networks_not_run"] = {"frames": gated, "why": "classical_gate: the classical finder found no peak"}
+            logger.info("%s: the networks ran on %d of %d frames (classical_gate: no classical peak on the others)",
+                        Path(str(scan.path)).name, len(frames) - len(gated), len(frames))
         return ScanResult(
             frames=frames,
             axis_name=axis.name,
             axis_values=np.asarray(axis.values, dtype=np.float64),
             frame_shape=tuple(scan.frame_shape),
             scan_path=str(scan.path),
-            metadata={"scan": scan.metadata.to_dict(), "models": list(run), "parameters": self.parameters_dict()},
+            metadata=metadata,
         )
 
     def generate_3d_plot(self, result: ScanResult, scan_type: str = "joint"):
@@ -547,7 +658,7 @@ class JointPredictor:
 def _one_frame(scan_or_path: Any, img_no: int) -> tuple[np.ndarray, np.ndarray, int | None]:
     """(counts (H, W) float32 filled, bad pixels (H, W) bool, frame number or None); a scan
     opened here from a path is closed again."""
-    if isinstance(scan_or_path, (np.ndarray, torch.Tensor)):
+    if isinstance(scan_or_path, np.ndarray) or _is_tensor(scan_or_path):
         raw = np.asarray(scan_or_path, dtype=np.float32)
         if raw.ndim == 3:
             raw, frame = raw[img_no], img_no
@@ -561,6 +672,18 @@ def _one_frame(scan_or_path: Any, img_no: int) -> tuple[np.ndarray, np.ndarray, 
         return _read_one(scan_or_path, img_no)
     with open_scan(scan_or_path) as scan:
         return _read_one(scan, img_no)
+
+
+def _is_tensor(value: Any) -> bool:
+    """Whether ``value`` is a torch tensor, without importing torch (a tensor means it is loaded)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+def _numpy(counts: np.ndarray | torch.Tensor) -> np.ndarray:
+    """``counts`` as a numpy array on the CPU (a tensor is copied off its device, numpy as it is).
+    Detached: outside inference mode a tensor that requires grad has no numpy view otherwise."""
+    return counts.detach().cpu().numpy() if _is_tensor(counts) else counts
 
 
 def _read_one(scan: Scan, img_no: int) -> tuple[np.ndarray, np.ndarray, int]:

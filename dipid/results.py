@@ -16,7 +16,7 @@ a time (e.g. :meth:`ScanResult.label_frames`), what long scans use instead of wh
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -183,7 +183,7 @@ class Instances:
         n, h, w = masks.shape
         scores = np.asarray(scores, np.float32).reshape(-1)
         sources = np.broadcast_to(np.asarray(sources, np.uint8), (n,))
-        return cls._from_windows(((masks[i], 0, 0) for i in range(n)), scores, sources, (h, w))
+        return cls.from_windows(((masks[i], 0, 0) for i in range(n)), scores, sources, (h, w))
 
     @classmethod
     def from_labels(cls, labels: np.ndarray, scores: np.ndarray, sources: np.ndarray | int, *,
@@ -202,12 +202,14 @@ class Instances:
         else:
             corners = np.asarray(boxes).astype(np.intp).reshape(-1, 4)
             windows = ((labels[y0:y1, x0:x1] == i + 1, y0, x0) for i, (x0, y0, x1, y1) in enumerate(corners))
-        return cls._from_windows(windows, scores, sources, (h, w))
+        return cls.from_windows(windows, scores, sources, (h, w))
 
     @classmethod
-    def _from_windows(cls, windows: Iterator[tuple[np.ndarray, int, int]], scores: np.ndarray, sources: np.ndarray,
-                      shape: tuple[int, int]) -> "Instances":
-        """Instances from (mask window, row0, col0) per instance: each cropped to its pixels' box."""
+    def from_windows(cls, windows: Iterable[tuple[np.ndarray, int, int]], scores: np.ndarray, sources: np.ndarray,
+                     shape: tuple[int, int]) -> "Instances":
+        """From one (mask window, row0, col0) per instance, a bool window placed with its top-left
+        pixel at (row0, col0) of a frame of ``shape``: each cropped to its pixels' box; instances
+        whose window holds no pixel are dropped. ``scores`` (N,) float, ``sources`` (N,) uint8."""
         boxes, crops, keep = [], [], []
         for i, (window, top, left) in enumerate(windows):
             rows = np.flatnonzero(window.any(axis=1))

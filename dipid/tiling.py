@@ -20,7 +20,7 @@ import numpy as np
 
 from dipid.results import Instances
 
-__all__ = ["Tile", "tile_grid", "in_core", "shift_instances", "merge_tiled_instances"]
+__all__ = ["Tile", "tile_grid", "in_core", "shift_instances", "window_instances", "merge_tiled_instances"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,20 @@ def shift_instances(inst: Instances, tile: Tile, frame_shape: tuple[int, int]) -
     """Instances found in ``tile`` -> the same instances in frame coordinates."""
     offset = np.array([tile.x0, tile.y0, tile.x0, tile.y0], dtype=np.int32)
     return Instances(inst.boxes + offset, list(inst.crops), inst.scores, inst.sources, frame_shape)
+
+
+def window_instances(inst: Instances, tile: Tile) -> Instances:
+    """Instances in frame coordinates -> their parts inside ``tile``, in tile coordinates (the
+    inverse of :func:`shift_instances` for instances that lie in the tile; those with no pixel in
+    it are dropped). Lets instances found once on a whole frame join the work of its tiles."""
+
+    def windows():
+        for (x0, y0, x1, y1), crop in zip(inst.boxes, inst.crops):
+            cx0, cy0, cx1, cy1 = max(x0, tile.x0), max(y0, tile.y0), min(x1, tile.x1), min(y1, tile.y1)
+            part = crop[max(cy0 - y0, 0) : max(cy1 - y0, 0), max(cx0 - x0, 0) : max(cx1 - x0, 0)]
+            yield part, cy0 - tile.y0, cx0 - tile.x0
+
+    return Instances.from_windows(windows(), inst.scores, inst.sources, tile.shape)
 
 
 def _boxes_touch(a: np.ndarray, b: np.ndarray) -> np.ndarray:

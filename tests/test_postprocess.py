@@ -313,3 +313,37 @@ def test_predictor_settings_check_the_fusion_anchor():
         PredictorSettings(fusion_anchor="ssl")
     with pytest.raises(DipidError, match="fusion_classical"):
         PredictorSettings(fusion_anchor="classical")
+
+
+@pytest.mark.parametrize("anchor", ["tlm", "classical"])
+def test_fusion_keeps_only_candidates_says_when_joint_needs_the_anchor(anchor):
+    """When the function says the fusion returns only the anchor's candidates, a frame without
+    candidates fuses to nothing whatever the evidence; when it says otherwise, some evidence joins."""
+    from dipid.postprocess import fusion_keeps_only_candidates
+
+    shape = (30, 30)
+    tlm = np.stack([box_mask(slice(2, 8), slice(2, 8), shape), box_mask(slice(20, 26), slice(20, 26), shape)])
+    ssl = np.stack([box_mask(slice(3, 7), slice(3, 7), shape), box_mask(slice(21, 24), slice(21, 24), shape)])
+    classical = np.stack([box_mask(slice(21, 25), slice(21, 25), shape), box_mask(slice(2, 5), slice(20, 23), shape)])
+    tlm_scores, ssl_scores, classical_scores = np.array([0.9, 0.95]), np.array([0.9, 0.9]), np.array([0.9, 0.9])
+    none = np.zeros((0, *shape), bool)
+    verdicts = set()
+    for add_ssl in (False, True):
+        for agree in (False, True):
+            for add_classical in (False, True):
+                for tlm_min in (0.5, 1.01):
+                    options = dict(anchor=anchor, add_unmatched_ssl=add_ssl, add_agreeing_evidence=agree,
+                                   add_unmatched_classical=add_classical, tlm_min_score=tlm_min,
+                                   ssl_min_score=0.0, classical_min_score=0.0)
+                    if anchor == "tlm":  # no TLM instance: only evidence could make joint
+                        found = fuse_instances(none, np.zeros(0), ssl, ssl_scores, classical_masks=classical,
+                                               classical_scores=classical_scores, **options)
+                    else:  # no classical peak
+                        found = fuse_instances(tlm, tlm_scores, ssl, ssl_scores, classical_masks=none,
+                                               classical_scores=np.zeros(0), **options)
+                    only = fusion_keeps_only_candidates(**options, match_iou=0.1)  # other options ignored
+                    verdicts.add(only)
+                    assert (len(found.scores) == 0) == only, options
+    assert verdicts == {True, False}
+    with pytest.raises(ValueError, match="valid: tlm, classical"):
+        fusion_keeps_only_candidates(anchor="joint")

@@ -352,3 +352,57 @@ def test_weights_location_rules(tmp_path):
     (run / "SHA256SUMS").unlink()
     assert load_weights(run).settings_file == run / "settings.json"
     assert loaded.info["sslm"]["path"] == str(run / WEIGHT_FILES["sslm"])
+
+
+def test_classical_gate_skips_the_networks_where_the_finder_finds_nothing_and_joint_is_unchanged(predictor, sim_scan):
+    from dataclasses import replace
+
+    sim, files = sim_scan
+    counts = sim.frames[:4].astype(np.float32).clip(min=0)
+    counts[1] = np.random.default_rng(0).poisson(1.0, counts[1].shape)  # flat noise: nothing to find
+    # the classical finder anchors joint; every peak kept (so joint is not empty), no network adds its own
+    veto = replace(predictor.settings, fusion_anchor="classical", fusion_classical=True, fusion_classical_min_score=0.0,
+                   fusion_tlm_min_score=1.01, fusion_add_unmatched_ssl=False)
+    plain = JointPredictor(tlm=predictor.tlm, sslm=predictor.sslm, device="cpu", settings=veto)
+    gated = JointPredictor(tlm=predictor.tlm, sslm=predictor.sslm, device="cpu",
+                           settings=replace(veto, classical_gate=True))
+    peaks = [len(r.classical) for r in plain.predict_frames(counts, models="classical")]
+    assert peaks[1] == 0 and sum(peaks) > 0
+    for n, full, cut in zip(peaks, plain.predict_frames(counts), gated.predict_frames(counts)):
+        np.testing.assert_array_equal(cut.joint.label_image(), full.joint.label_image())
+        np.testing.assert_array_equal(cut.joint.scores, full.joint.scores)
+        if n == 0:
+            assert cut.tlm is None and cut.ssl is None and not cut.has("tlm") and len(cut.joint) == 0
+        else:
+            np.testing.assert_array_equal(cut.tlm.label_image(), full.tlm.label_image())
+            np.testing.assert_array_equal(cut.ssl.mask, full.ssl.mask)
+    # a scan says which frames the networks did not run on
+    result = gated.predict_scan(files.nexus)
+    finder = JointPredictor(device="cpu").predict_scan(files.nexus, models="classical")
+    empty = [int(f) for f in finder.frame_numbers if len(finder[int(f)].classical) == 0]
+    assert 0 < len(empty) < len(finder)  # the realistic scan has frames with and without peaks
+    assert result.metadata["networks_not_run"]["frames"] == empty
+    assert [int(f) for f in result.frame_numbers if not result[int(f)].has("ssl")] == empty
+    assert "networks_not_run" not in plain.predict_scan(files.nexus).metadata
+
+
+def test_classical_gate_refuses_settings_where_it_would_change_joint():
+    from dipid.errors import DipidError
+
+    veto = dict(fusion_anchor="classical", fusion_classical=True, fusion_tlm_min_score=1.01,
+                fusion_add_unmatched_ssl=False)
+    assert PredictorSettings(**veto, classical_gate=True).classical_gate
+    for change in ({"fusion_anchor": "tlm"}, {"fusion_add_unmatched_ssl": True}, {"fusion_tlm_min_score": 0.9},
+                   {"fusion_add_agreeing": True}):
+        with pytest.raises(DipidError, match="classical_gate"):
+            PredictorSettings(**{**veto, **change}, classical_gate=True)
+
+
+def test_with_settings_shares_the_models_and_checks_names(predictor):
+    twin = predictor.with_settings(nms=True)
+    assert twin.settings.nms and not predictor.settings.nms
+    assert twin._tlm_run is predictor._tlm_run and twin._sslm_run is predictor._sslm_run
+    stricter = predictor.with_settings(threshold=0.9)  # the threshold shapes the TLM's inference copy
+    assert stricter._tlm_run is not predictor._tlm_run and stricter.settings.threshold == 0.9
+    with pytest.raises(UnknownNameError, match="classical_gate"):
+        predictor.with_settings(gate=True)

@@ -40,8 +40,9 @@ def test_shipped_models_find_the_true_peaks_of_simulated_frames(shipped, preset,
     sim = simulate_scan(n_frames=12, preset=preset, seed=seed)
     bad = sim.bad_pixels
     counts = fill_bad_pixels(sim.frames, bad).astype(np.float32)
-    results = shipped.predict_frames(counts, bad_pixels=bad, keep_probability=False,
-                                     models=("tlm", "ssl", "classical"))
+    # the gate off: the TLM's own recall is asserted, so it must see every frame
+    results = shipped.with_settings(classical_gate=False).predict_frames(
+        counts, bad_pixels=bad, keep_probability=False, models=("tlm", "ssl", "classical"))
     truth = [fl.masks() for fl in sim.labels]
     valid = [~np.asarray(b) for b in (bad if np.ndim(bad) == 3 else [bad] * len(truth))]
     assert sum(len(t) for t in truth) > 0
@@ -54,3 +55,31 @@ def test_shipped_models_find_the_true_peaks_of_simulated_frames(shipped, preset,
     assert tlm["recall"] >= 0.6, tlm  # the TLM alone, at the shipped threshold: trained weights
     assert joint["recall"] >= 0.7 and joint["precision"] >= 0.5, joint
     assert joint["mean_iou"] >= 0.6 and joint["mean_iou"] >= classical["mean_iou"] - 0.05, (joint, classical)
+
+
+def test_shipped_gate_skips_frames_without_classical_peaks_and_leaves_joint_unchanged(shipped):
+    assert shipped.settings.classical_gate
+    sim = simulate_scan(n_frames=12, preset="realistic", seed=202)
+    bad = sim.bad_pixels
+    counts = fill_bad_pixels(sim.frames, bad).astype(np.float32)
+    gated = shipped.predict_frames(counts, bad_pixels=bad, keep_probability=False)
+    full = shipped.with_settings(classical_gate=False).predict_frames(counts, bad_pixels=bad, keep_probability=False)
+    ran = [r.has("tlm") for r in gated]
+    assert any(ran) and not all(ran)  # some frames are skipped, not all
+    for cut, whole in zip(gated, full):
+        np.testing.assert_array_equal(cut.joint.label_image(), whole.joint.label_image())
+        np.testing.assert_allclose(cut.joint.scores, whole.joint.scores)
+
+
+def test_evaluate_scores_the_networks_on_every_frame_even_with_the_gate(shipped, tmp_path):
+    from dipid.evaluate import evaluate
+
+    simulate_scan(n_frames=12, preset="realistic", seed=202).write(tmp_path, "gate")
+    labels = tmp_path / "gate_labels.json"
+    gated = evaluate(shipped, labels, models=["tlm", "joint"], progress=False, coco_ap=False)
+    plain = evaluate(shipped.with_settings(classical_gate=False), labels, models=["tlm", "joint"], progress=False,
+                     coco_ap=False)
+    assert gated.settings["parameters"]["classical_gate"] is False
+    for model in ("tlm", "joint"):
+        for metric in ("mean_iou", "f1", "precision", "recall"):
+            assert gated.summary[model][metric] == pytest.approx(plain.summary[model][metric], nan_ok=True)
