@@ -354,7 +354,8 @@ def test_weights_location_rules(tmp_path):
     assert loaded.info["sslm"]["path"] == str(run / WEIGHT_FILES["sslm"])
 
 
-def test_classical_gate_skips_the_networks_where_the_finder_finds_nothing_and_joint_is_unchanged(predictor, sim_scan):
+def test_classical_gate_skips_the_networks_where_the_finder_finds_nothing_and_joint_is_unchanged(predictor, sim_scan,
+                                                                                                 tmp_path):
     from dataclasses import replace
 
     sim, files = sim_scan
@@ -384,6 +385,11 @@ def test_classical_gate_skips_the_networks_where_the_finder_finds_nothing_and_jo
     assert result.metadata["networks_not_run"]["frames"] == empty
     assert [int(f) for f in result.frame_numbers if not result[int(f)].has("ssl")] == empty
     assert "networks_not_run" not in plain.predict_scan(files.nexus).metadata
+    # the viewer says so (an empty TLM outline on those frames means "not run")
+    from dipid.viz import view_scan_result
+
+    page = view_scan_result(result, None, tmp_path / "view.html").read_text()
+    assert f"TLM and SSLM not run on {len(empty)} frames without a classical peak" in page
 
 
 def test_classical_gate_refuses_settings_where_it_would_change_joint():

@@ -436,7 +436,12 @@ def view_scan_result(
                      for m in result.models_present()}
     axis_values, axis_name = _scan_axis(result)
     scan_name = Path(result.scan_path).name if result.scan_path else "scan"
-    kwargs.setdefault("title", f"{scan_name}: {len(frames)} frames, scan axis {result.axis_name}")
+    title = f"{scan_name}: {len(frames)} frames, scan axis {result.axis_name}"
+    # classical_gate: an empty TLM/SSLM outline there means "not run", which the page must say
+    gated = len(((result.metadata or {}).get("networks_not_run") or {}).get("frames", []))
+    if gated:
+        title += f"; TLM and SSLM not run on {gated} frames without a classical peak"
+    kwargs.setdefault("title", title)
     return write_viewer(path, counts, label_volumes, peak_table=peak_table, peak_label_volume=peak_label_volume,
                         axis_name=axis_name, axis_values=axis_values, frame_numbers=frames, **kwargs)
 
