@@ -388,8 +388,13 @@ def test_classical_gate_skips_the_networks_where_the_finder_finds_nothing_and_jo
     # the viewer says so (an empty TLM outline on those frames means "not run")
     from dipid.viz import view_scan_result
 
-    page = view_scan_result(result, None, tmp_path / "view.html").read_text()
-    assert f"TLM and SSLM not run on {len(empty)} frames without a classical peak" in page
+    note = f"TLM and SSLM not run on {len(empty)} frames without a classical peak"
+    assert note in view_scan_result(result, None, tmp_path / "view.html").read_text()
+    # and so does the viewer `dipid view` makes from the results file
+    from dipid.viz import view_results_file
+
+    result.to_nexus(tmp_path / "result.nxs")
+    assert note in view_results_file(tmp_path / "result.nxs", tmp_path / "again.html").read_text()
 
 
 def test_classical_gate_refuses_settings_where_it_would_change_joint():

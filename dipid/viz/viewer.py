@@ -436,14 +436,10 @@ def view_scan_result(
                      for m in result.models_present()}
     axis_values, axis_name = _scan_axis(result)
     scan_name = Path(result.scan_path).name if result.scan_path else "scan"
-    title = f"{scan_name}: {len(frames)} frames, scan axis {result.axis_name}"
-    # classical_gate: an empty TLM/SSLM outline there means "not run", which the page must say
-    gated = len(((result.metadata or {}).get("networks_not_run") or {}).get("frames", []))
-    if gated:
-        title += f"; TLM and SSLM not run on {gated} frames without a classical peak"
-    kwargs.setdefault("title", title)
+    title = kwargs.pop("title", None) or f"{scan_name}: {len(frames)} frames, scan axis {result.axis_name}"
+    title += _gate_note(result.metadata)
     return write_viewer(path, counts, label_volumes, peak_table=peak_table, peak_label_volume=peak_label_volume,
-                        axis_name=axis_name, axis_values=axis_values, frame_numbers=frames, **kwargs)
+                        axis_name=axis_name, axis_values=axis_values, frame_numbers=frames, title=title, **kwargs)
 
 
 def view_results_file(result_path: str | Path, out: str | Path | None = None) -> Path:
@@ -458,12 +454,19 @@ def view_results_file(result_path: str | Path, out: str | Path | None = None) ->
     source = Path(results.source_scan) if results.source_scan else None
     options = dict(peak_table=results.peaks or None, peak_label_volume=results.peak_labels,
                    axis_name=results.axis_name, axis_values=results.axis_values, frame_numbers=results.frame_numbers,
-                   title=f"dipid: {source.name if source else result_path.name}")
+                   title=f"dipid: {source.name if source else result_path.name}" + _gate_note(results.result_metadata))
     if source is not None and source.is_file():
         with open_scan(source) as scan:
             return write_viewer(out, lambda k: scan[int(results.frame_numbers[k])], results.model_labels, **options)
     logger.warning("%s: source scan %s not found; the viewer shows masks without counts", result_path, source)
     return write_viewer(out, None, results.model_labels, **options)
+
+
+def _gate_note(metadata: Mapping[str, Any] | None) -> str:
+    """What the title adds when ``classical_gate`` left frames without TLM/SSLM output (an empty
+    outline there means "not run", not "nothing found"); "" otherwise."""
+    gated = len(((metadata or {}).get("networks_not_run") or {}).get("frames", []))
+    return f"; TLM and SSLM not run on {gated} frames without a classical peak" if gated else ""
 
 
 def _check_volumes(label_volumes: Mapping[str, np.ndarray], peak_label_volume: np.ndarray | None,
