@@ -404,7 +404,7 @@ class JointPredictor:
         # The classical finder also runs when joint fuses it in, but is reported only when asked
         # for. It runs first: with the gate, its peaks say which frames the networks see.
         report_classical = "classical" in run
-        classical_for_joint = s.fusion_classical and "tlm" in run and "ssl" in run
+        classical_for_joint = self._classical_for_joint(run)
         if classical_sets is None and (report_classical or classical_for_joint):
             t0 = time.perf_counter()
             classical_sets = [classical_instances(r) for r in self.classical(_numpy(counts), bad_pixels)]
@@ -473,6 +473,11 @@ class JointPredictor:
             for b in range(batch)
         ]
 
+    def _classical_for_joint(self, run: tuple[str, ...]) -> bool:
+        """Whether `joint` fuses the classical finder's peaks in this run (both networks run and
+        ``fusion_classical`` is set): then the finder runs even when its peaks are not reported."""
+        return self.settings.fusion_classical and "tlm" in run and "ssl" in run
+
     def _autocast(self):
         """bf16 autocast on CUDA when ``settings.amp``; a no-op context otherwise."""
         import torch  # only called where a network runs
@@ -505,7 +510,7 @@ class JointPredictor:
         the networks run on the tile at all: an empty tile costs nothing)."""
         shape = counts.shape
         s = self.settings
-        classical_for_joint = s.fusion_classical and "tlm" in run and "ssl" in run
+        classical_for_joint = self._classical_for_joint(run)
         timings: dict[str, float] = {}
         report_classical = "classical" in run
         whole: Instances | None = None

@@ -181,26 +181,28 @@ def _label_pixels(inst: Instances) -> tuple[np.ndarray, np.ndarray]:
     return flat, (owner[first] + 1).astype(np.int32)
 
 
-def _score_pixels(inst: Instances) -> tuple[np.ndarray, np.ndarray]:
-    """The non-zero pixels of an (H, W) float32 image of the highest score of the instances covering
-    each pixel (0 elsewhere): the per-voxel scores of :func:`peaks_table`."""
+def _reduced_pixels(inst: Instances, values: np.ndarray, reduce: np.ufunc, dtype: type) -> tuple[np.ndarray, np.ndarray]:
+    """The non-zero pixels of an (H, W) ``dtype`` image holding, at each pixel, ``reduce`` (a
+    ufunc such as ``np.maximum``) of the ``values`` (N,) of the instances covering it, starting
+    from 0: (flat indices ascending, values)."""
     flat, owner = _instance_pixels(inst)
     where, index = np.unique(flat, return_inverse=True)
-    best = np.zeros(where.size, np.float32)
-    np.maximum.at(best, index, inst.scores[owner])
-    nonzero = best != 0
-    return where[nonzero], best[nonzero]
+    out = np.zeros(where.size, dtype)
+    reduce.at(out, index, values[owner])
+    nonzero = out != 0
+    return where[nonzero], out[nonzero]
+
+
+def _score_pixels(inst: Instances) -> tuple[np.ndarray, np.ndarray]:
+    """The highest score of the instances covering each pixel, as non-zero pixels of a float32
+    image: the per-voxel scores of :func:`peaks_table`."""
+    return _reduced_pixels(inst, inst.scores, np.maximum, np.float32)
 
 
 def _source_pixels(inst: Instances) -> tuple[np.ndarray, np.ndarray]:
-    """The non-zero pixels of an (H, W) uint8 image of the bitwise OR of the source flags of the
-    instances covering each pixel: the per-voxel sources of :func:`peaks_table`."""
-    flat, owner = _instance_pixels(inst)
-    where, index = np.unique(flat, return_inverse=True)
-    flags = np.zeros(where.size, np.uint8)
-    np.bitwise_or.at(flags, index, inst.sources[owner])
-    nonzero = flags != 0
-    return where[nonzero], flags[nonzero]
+    """The bitwise OR of the source flags of the instances covering each pixel, as non-zero pixels
+    of a uint8 image: the per-voxel sources of :func:`peaks_table`."""
+    return _reduced_pixels(inst, inst.sources, np.bitwise_or, np.uint8)
 
 
 def instance_label_frames(per_frame: Sequence[Instances], frame_shape: tuple[int, int]) -> SparseFrames:
