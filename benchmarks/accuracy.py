@@ -12,6 +12,7 @@ frames/s), on this machine's CPU unless --device says otherwise.
     python benchmarks/accuracy.py --weights runs/tlm       # a training run's best checkpoint
     python benchmarks/accuracy.py --scans 3 --frames 21    # a quick look
     python benchmarks/accuracy.py --per-preset             # also one table per preset (easy, realistic, hard)
+    python benchmarks/accuracy.py --models joint --set peak_windows=32   # joint with a setting changed
 """
 
 from __future__ import annotations
@@ -26,6 +27,25 @@ from pathlib import Path
 #: Base seed of the benchmark test set; dipid's training recipes never use it.
 TEST_SEED = 20_261_121
 PRESET_CYCLE = ("easy", "realistic", "hard")
+
+
+def apply_settings(predictor, pairs: list[str]):
+    """``predictor`` with ``NAME=VALUE`` settings changed (VALUE read as JSON, else as a string:
+    ``peak_windows=null``, ``threshold=0.5``, ``fusion_anchor=tlm``)."""
+    import json
+
+    from dipid.errors import DipidError
+
+    changes = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise DipidError(f"--set {pair!r}: expected NAME=VALUE, such as peak_windows=32")
+        try:
+            changes[name] = json.loads(value)
+        except ValueError:
+            changes[name] = value
+    return predictor.with_settings(**changes) if changes else predictor
 
 
 def build_test_set(folder: Path, *, n_scans: int, n_frames: int, base_seed: int = TEST_SEED,
@@ -63,6 +83,9 @@ def main() -> int:
     parser.add_argument("--tta", action="store_true", help="also evaluate with test-time augmentation")
     parser.add_argument("--json", type=Path, default=None, help="also write the full report as JSON")
     parser.add_argument("--per-preset", action="store_true", help="also score each preset's scans on their own")
+    parser.add_argument("--models", nargs="+", default=None, help="score only these (default: every model available)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="NAME=VALUE",
+                        help="change predictor settings from the weights' settings.json (VALUE as JSON)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -79,6 +102,8 @@ def main() -> int:
         print(f"no trained weights ({exc}); evaluating the classical baseline only", file=sys.stderr)
         predictor = JointPredictor(device=args.device)
         models = ["classical"]
+    predictor = apply_settings(predictor, args.set)
+    models = args.models or models
     group_of = preset_of if args.per_preset else None
     reports = {"": evaluate(predictor, labels, models=models, batch_size=args.batch_size, group_of=group_of)}
     if args.tta:

@@ -273,12 +273,22 @@ def main() -> int:
         atomic_write_text(args.all_rules, text_table(["rule (validation)", *METRICS], rows) + "\n")
         print(f"wrote every rule's validation row to {args.all_rules}")
     if args.write_settings and chosen:
+        from dipid.errors import DipidError
         from dipid.files import atomic_write_text
         from dipid.models.weights import SETTINGS_FILE
+        from dipid.predict import read_settings
 
         rule = asdict(rules[chosen.removeprefix("joint ")])
         tuned = {name: value for name, value in rule.items() if name.startswith("fusion_") or name == "threshold"}
-        path = atomic_write_text(Path(args.weights) / SETTINGS_FILE, json.dumps(tuned, indent=2) + "\n")
+        settings_path = Path(args.weights) / SETTINGS_FILE
+        # the speed settings already there (proposals, classical_gate, peak_windows) stay, while the new rule allows them
+        kept = {k: v for k, v in (read_settings(settings_path) if settings_path.is_file() else {}).items() if k not in tuned}
+        try:
+            PredictorSettings(**{**kept, **tuned})
+        except DipidError as exc:
+            dropped = {k: kept.pop(k) for k in ("classical_gate", "peak_windows") if k in kept}
+            print(f"the chosen rule does not allow {dropped} ({exc}); not kept")
+        path = atomic_write_text(settings_path, json.dumps({**tuned, **kept}, indent=2) + "\n")
         print(f"wrote {path}")
     return 0
 

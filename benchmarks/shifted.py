@@ -12,6 +12,7 @@ table is the same as ``benchmarks/accuracy.py``'s, one block per family.
 
     python benchmarks/shifted.py --weights weights                 # all families
     python benchmarks/shifted.py --weights weights --families faint --scans 3 --frames 31
+    python benchmarks/shifted.py --weights weights --models joint --set peak_windows=32
 """
 
 from __future__ import annotations
@@ -73,8 +74,13 @@ def main() -> int:
     parser.add_argument("--frames", type=int, default=31)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--models", nargs="+", default=None, help="score only these (default: every model available)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="NAME=VALUE",
+                        help="change predictor settings from the weights' settings.json (VALUE as JSON)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+
+    from accuracy import apply_settings
 
     from dipid.errors import UnknownNameError, WeightsNotFoundError
     from dipid.evaluate import evaluate
@@ -91,6 +97,8 @@ def main() -> int:
     except WeightsNotFoundError as exc:
         print(f"no trained weights ({exc}); evaluating the classical baseline only", file=sys.stderr)
         predictor, models = JointPredictor(device=args.device), ["classical"]
+    predictor = apply_settings(predictor, args.set)
+    models = args.models or models
 
     cols = ("mean_iou", "precision", "recall", "f1", "AP", "fp_area_per_empty_frame")
     print(f"\nshifted families, {args.scans} scans x {args.frames} frames each; device {args.device}; "

@@ -180,8 +180,10 @@ def evaluate(
         predictor: a :class:`dipid.predict.JointPredictor`.
         data: COCO file(s), a folder of them, or LabelSet(s).
         models: subset of tlm/ssl/joint/classical (default: all the predictor can run). With
-            tlm or ssl among them the networks run on every frame (a ``classical_gate`` setting
-            is switched off for the run; `joint` is the same with it or without).
+            tlm or ssl among them the networks run on every frame for their rows (a
+            ``classical_gate`` setting is switched off for them; `joint` is the same with it or
+            without). `joint` is scored as ``predictor`` runs it: with ``peak_windows`` set, which
+            can change it, it gets a pass of its own.
         tta: also predict the flipped and rotated views and merge them (:func:`merge_views`).
         group_of: scan name -> group name; each group is also scored on its own (``per_group``),
             from the same predictions.
@@ -193,9 +195,15 @@ def evaluate(
     for m in models:
         if m not in MODEL_KINDS or m not in predictor.available_models:
             raise UnknownNameError("model", m, predictor.available_models)
+    # (predictor, models it scores): the networks' own rows need them run on whole frames, all of
+    # them; `joint` is the same with the gate or without, but the peak windows can change it.
+    passes = [(predictor, models)]
     if getattr(predictor.settings, "classical_gate", False) and {"tlm", "ssl"} & set(models):
-        # The networks' own rows need them run on every frame; `joint` is the same either way.
-        predictor = predictor.with_settings(classical_gate=False)
+        whole_frames = predictor.with_settings(classical_gate=False, peak_windows=None)
+        if predictor.settings.peak_windows is not None and "joint" in models:
+            passes = [(whole_frames, tuple(m for m in models if m != "joint")), (predictor, ("joint",))]
+        else:
+            passes = [(whole_frames, models)]
     views = _tta_views() if tta else [(lambda a: a, lambda a: a)]
 
     gt: list[np.ndarray] = []
@@ -206,21 +214,23 @@ def evaluate(
     total = sum(len(ls) for ls in label_sets)
     with tqdm(total=total, desc="evaluate", unit="frame", disable=not progress) as bar:
         for scan_name, chunk, counts, bad in iter_labelled_batches(label_sets, batch_size):
-            per_view = []
+            per_view: dict[str, list] = {m: [] for m in models}  # model -> per view, per frame (result, inverse)
             for forward, inverse in views:
-                results = predictor.predict_frames(
-                    np.ascontiguousarray(forward(counts)), bad_pixels=forward(bad), models=models,
-                    keep_probability=False)
-                per_view.append([(r, inverse) for r in results])
+                for runner, scored in passes:
+                    results = runner.predict_frames(
+                        np.ascontiguousarray(forward(counts)), bad_pixels=forward(bad), models=scored,
+                        keep_probability=False)
+                    for m in scored:
+                        per_view[m].append([(r, inverse) for r in results])
             for k, fl in enumerate(chunk):
                 gt.append(fl.masks())
                 valid.append(~bad[k])
                 scan_of.append(scan_name)
                 for m in models:
-                    view_sets = [_unview(r.instances(m), inv) for r, inv in (pv[k] for pv in per_view)]
+                    view_sets = [_unview(r.instances(m), inv) for r, inv in (pv[k] for pv in per_view[m])]
                     inst = view_sets[0] if len(view_sets) == 1 else merge_views(view_sets)
                     preds[m].append((inst.masks, inst.scores))
-                    seconds[m] += sum(model_seconds(pv[k][0].timings, m) for pv in per_view)
+                    seconds[m] += sum(model_seconds(pv[k][0].timings, m) for pv in per_view[m])
             bar.update(len(chunk))
 
     summary: dict[str, dict[str, float]] = {}
@@ -242,7 +252,9 @@ def evaluate(
                 idx = np.flatnonzero(group_arr == g)
                 per_group[m][g] = evaluate_frames([gt[i] for i in idx], [preds[m][i] for i in idx],
                                                   valid=[valid[i] for i in idx], coco_ap=coco_ap)
-    settings = {"tta": tta, "models": list(models), "n_frames": len(gt), "parameters": predictor.parameters_dict()}
+    settings = {"tta": tta, "models": list(models), "n_frames": len(gt), "parameters": predictor.parameters_dict(),
+                # the rows scored with the gate and windows off (the networks on whole frames)
+                "whole_frame_models": [m for runner, scored in passes if runner is not predictor for m in scored]}
     return EvaluationReport(summary=summary, per_scan=per_scan, settings=settings, per_group=per_group)
 
 

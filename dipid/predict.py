@@ -43,8 +43,10 @@ from dipid.results import (
     check_model,
 )
 from dipid.tiling import (
+    Tile,
     in_core,
     merge_tiled_instances,
+    peak_windows,
     shift_instances,
     tile_grid,
     window_instances,
@@ -151,6 +153,14 @@ class PredictorSettings:
             :func:`dipid.postprocess.fusion_keeps_only_candidates`); the networks' time on
             empty frames is saved. The TLM and SSLM rows of gated frames are then not theirs to
             judge: turn it off to study the networks alone.
+        peak_windows: with ``classical_gate``, the networks see only windows around the classical
+            peaks instead of whole frames: each peak's box grown by this many pixels and snapped
+            to the 32-pixel grid of the TLM's coarsest stride, overlapping windows merged
+            (:func:`dipid.tiling.peak_windows`); frames are normalised whole first, so a window's
+            background is the frame's. `joint` keeps only classical peaks, so only the networks'
+            view of those peaks matters to it; the margin is the context they get. Unlike the
+            gate this can change `joint` slightly (a network sees less around a peak), which is
+            why it is a measured setting (``benchmarks/accuracy.py``). None: whole frames.
     """
 
     threshold: float = 0.4
@@ -179,6 +189,7 @@ class PredictorSettings:
     optimize: bool = True
     proposals: int | None = None
     classical_gate: bool = False
+    peak_windows: int | None = None
 
     def __post_init__(self) -> None:
         if self.fusion_anchor not in FUSION_ANCHORS:
@@ -191,6 +202,11 @@ class PredictorSettings:
                 "classical_gate=True would change `joint`: it needs fusion_anchor='classical' and a fusion that "
                 "adds no peak of the networks' own (fusion_add_unmatched_ssl=False, fusion_add_agreeing=False, "
                 "fusion_tlm_min_score > 1); set classical_gate=False or change those settings")
+        if self.peak_windows is not None and (not self.classical_gate or self.peak_windows < 0):
+            raise DipidError(
+                f"peak_windows={self.peak_windows} needs classical_gate=True (the windows are around the classical "
+                "peaks `joint` keeps) and a margin >= 0 pixels; set peak_windows=None to run the networks on whole "
+                "frames")
 
     def fusion_options(self) -> dict[str, Any]:
         """The keyword arguments of :func:`dipid.postprocess.fuse_instances` these settings give."""
@@ -432,17 +448,35 @@ class JointPredictor:
                 picked = torch.as_tensor(counts if len(seen) == batch else counts[seen])
                 x = normalize_counts(picked.to(self.device, non_blocking=True))[:, None]  # (B', 1, H, W)
                 timings["normalize"] = time.perf_counter() - t0
+                # the windows each frame's networks see (None: the whole frame)
+                windows = None
+                if s.peak_windows is not None and classical_for_joint:
+                    windows = [peak_windows(found[b].boxes, shape, margin=s.peak_windows) for b in seen]
                 if "tlm" in run:
                     t0 = time.perf_counter()
                     with self._autocast():
-                        for b, out in zip(seen, self._tlm_run(x)):
-                            tlm_sets[b] = tlm_instances(out, threshold=s.threshold, mask_threshold=s.mask_threshold,
-                                                        min_area=s.min_area, nms_iou=nms_iou)
+                        if windows is None:
+                            for b, out in zip(seen, self._tlm_run(x)):
+                                tlm_sets[b] = self._tlm_decode(out)
+                        else:
+                            outs = _run_in_windows(self._tlm_run, x, windows)
+                            for b, frame_windows, frame_outs in zip(seen, windows, outs):
+                                tlm_sets[b] = merge_tiled_instances(
+                                    [shift_instances(self._tlm_decode(out), w, shape)
+                                     for w, out in zip(frame_windows, frame_outs)], shape)
                     timings["tlm"] = time.perf_counter() - t0
                 if "ssl" in run:
                     t0 = time.perf_counter()
                     with self._autocast():
-                        probability = self._ssl_probability(x).cpu().numpy()
+                        if windows is None:
+                            probability = self._ssl_probability(x).cpu().numpy()
+                        else:
+                            # outside the windows the SSLM did not look: probability 0 there
+                            probability = np.zeros((len(seen), height, width), np.float32)
+                            outs = _run_in_windows(self._ssl_probability, x, windows)
+                            for frame_probability, frame_windows, frame_outs in zip(probability, windows, outs):
+                                for w, out in zip(frame_windows, frame_outs):
+                                    frame_probability[w.slices] = out.cpu().numpy()
                         for b, p in zip(seen, probability):
                             ssl_outputs[b] = ssl_output(p, threshold=s.ssl_threshold, min_area=s.min_area,
                                                         keep_probability=keep_probability)
@@ -472,6 +506,12 @@ class JointPredictor:
             )
             for b in range(batch)
         ]
+
+    def _tlm_decode(self, output: dict[str, Any]) -> Instances:
+        """One image's TLM output -> its instances, with these settings' thresholds."""
+        s = self.settings
+        return tlm_instances(output, threshold=s.threshold, mask_threshold=s.mask_threshold, min_area=s.min_area,
+                             nms_iou=s.nms_iou if s.nms else None)
 
     def _classical_for_joint(self, run: tuple[str, ...]) -> bool:
         """Whether `joint` fuses the classical finder's peaks in this run (both networks run and
@@ -632,6 +672,10 @@ class JointPredictor:
             metadata["networks_not_run"] = {"frames": gated, "why": "classical_gate: the classical finder found no peak"}
             logger.info("%s: the networks ran on %d of %d frames (classical_gate: no classical peak on the others)",
                         Path(str(scan.path)).name, len(frames) - len(gated), len(frames))
+        if networks and self.settings.peak_windows is not None and self._classical_for_joint(run):
+            metadata["networks_windows"] = {
+                "margin": self.settings.peak_windows,
+                "why": "peak_windows: the networks saw only windows around the classical peaks"}
         return ScanResult(
             frames=frames,
             axis_name=axis.name,
@@ -689,6 +733,23 @@ def _numpy(counts: np.ndarray | torch.Tensor) -> np.ndarray:
     """``counts`` as a numpy array on the CPU (a tensor is copied off its device, numpy as it is).
     Detached: outside inference mode a tensor that requires grad has no numpy view otherwise."""
     return counts.detach().cpu().numpy() if _is_tensor(counts) else counts
+
+
+def _run_in_windows(network: Any, x: torch.Tensor, windows: list[list[Tile]]) -> list[list[Any]]:
+    """``network`` on windows of a batch: x (B, 1, H, W) and B lists of windows -> B lists of its
+    outputs, one per window. Windows of one shape go through the network as one batch."""
+    import torch  # only called where a network runs
+
+    by_shape: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for i, frame_windows in enumerate(windows):
+        for k, w in enumerate(frame_windows):
+            by_shape.setdefault(w.shape, []).append((i, k))
+    outs: list[list[Any]] = [[None] * len(frame_windows) for frame_windows in windows]
+    for members in by_shape.values():
+        crops = torch.stack([x[i][(slice(None), *windows[i][k].slices)] for i, k in members])
+        for (i, k), out in zip(members, network(crops)):
+            outs[i][k] = out
+    return outs
 
 
 def _read_one(scan: Scan, img_no: int) -> tuple[np.ndarray, np.ndarray, int]:

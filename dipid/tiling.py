@@ -20,7 +20,9 @@ import numpy as np
 
 from dipid.results import Instances
 
-__all__ = ["Tile", "tile_grid", "in_core", "shift_instances", "window_instances", "merge_tiled_instances"]
+__all__ = [
+    "Tile", "tile_grid", "peak_windows", "in_core", "shift_instances", "window_instances", "merge_tiled_instances",
+]
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,48 @@ def tile_grid(shape: tuple[int, int], *, tile: int = 512, overlap: int = 64) -> 
     h, w = shape
     return [Tile(y0, y1, x0, x1, cy0, cy1, cx0, cx1)
             for y0, y1, cy0, cy1 in _axis_tiles(h, tile, overlap) for x0, x1, cx0, cx1 in _axis_tiles(w, tile, overlap)]
+
+
+def peak_windows(boxes: np.ndarray, shape: tuple[int, int], *, margin: int, align: int = 32) -> list[Tile]:
+    """The windows of a frame the networks need to see to judge peaks at ``boxes``.
+
+    Each box (x0, y0, x1, y1; exclusive ends, frame pixels) is grown by ``margin`` pixels on every
+    side and its edges moved out to the next multiple of ``align`` (clipped to the frame);
+    windows that overlap are replaced by their bounding box until none do. Snapping to the grid
+    of the networks' coarsest stride keeps a window's feature cells on the whole frame's cells,
+    so a peak well inside its window is seen as on the whole frame; the margin is its context.
+
+    Args:
+        boxes: (N, 4) int boxes; N may be 0 (no window).
+        shape: the frame's (H, W).
+        margin: context around each box, pixels (>= 0).
+        align: grid the window edges snap to, pixels (> 0).
+    Returns:
+        Disjoint :class:`Tile` windows (core = the whole window), by row then column.
+    """
+    if margin < 0 or align <= 0:
+        raise ValueError(f"margin must be >= 0 and align > 0, got margin={margin}, align={align}")
+    h, w = shape
+    boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
+    grown = [
+        (max(0, (x0 - margin) // align * align), max(0, (y0 - margin) // align * align),
+         min(w, -(-(x1 + margin) // align) * align), min(h, -(-(y1 + margin) // align) * align))
+        for x0, y0, x1, y1 in boxes.tolist()
+    ]
+    merged = True
+    while merged:  # a merge can make a window overlap one it did not before, so repeat to a fixed point
+        merged = False
+        out: list[tuple[int, int, int, int]] = []
+        for box in grown:
+            for k, other in enumerate(out):
+                if box[0] < other[2] and other[0] < box[2] and box[1] < other[3] and other[1] < box[3]:
+                    out[k] = (min(box[0], other[0]), min(box[1], other[1]), max(box[2], other[2]), max(box[3], other[3]))
+                    merged = True
+                    break
+            else:
+                out.append(box)
+        grown = out
+    return [Tile(y0, y1, x0, x1, y0, y1, x0, x1) for x0, y0, x1, y1 in sorted(grown, key=lambda b: (b[1], b[0]))]
 
 
 def in_core(inst: Instances, tile: Tile) -> Instances:

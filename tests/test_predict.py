@@ -397,6 +397,29 @@ def test_classical_gate_skips_the_networks_where_the_finder_finds_nothing_and_jo
     assert note in view_results_file(tmp_path / "result.nxs", tmp_path / "again.html").read_text()
 
 
+def test_peak_windows_are_recorded_with_the_scan_and_said_in_the_viewer(predictor, sim_scan, tmp_path):
+    from dataclasses import replace
+
+    from dipid.viz import view_results_file, view_scan_result
+
+    sim, files = sim_scan
+    windows = replace(predictor.settings, fusion_anchor="classical", fusion_classical=True,
+                      fusion_classical_min_score=0.0, fusion_tlm_min_score=1.01, fusion_add_unmatched_ssl=False,
+                      classical_gate=True, peak_windows=8)
+    windowed = JointPredictor(tlm=predictor.tlm, sslm=predictor.sslm, device="cpu", settings=windows)
+    result = windowed.predict_scan(files.nexus)
+    assert result.metadata["networks_windows"]["margin"] == 8
+    assert result.metadata["parameters"]["peak_windows"] == 8
+    gated = len(result.metadata["networks_not_run"]["frames"])
+    note = (f"TLM and SSLM not run on {gated} frames without a classical peak, "
+            "elsewhere run only within 8 px (and the 32-px grid) of classical peaks")
+    assert note in view_scan_result(result, None, tmp_path / "view.html").read_text()
+    result.to_nexus(tmp_path / "result.nxs")
+    assert note in view_results_file(tmp_path / "result.nxs", tmp_path / "again.html").read_text()
+    # classical only: no network ran, so no windows are claimed
+    assert "networks_windows" not in windowed.predict_scan(files.nexus, models="classical").metadata
+
+
 def test_classical_gate_refuses_settings_where_it_would_change_joint():
     from dipid.errors import DipidError
 

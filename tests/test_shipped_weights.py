@@ -19,6 +19,9 @@ from dipid.models.weights import DEFAULT_WEIGHTS_DIR
 from dipid.predict import JointPredictor
 from dipid.synth import simulate_scan
 
+#: settings that run the networks on every whole frame (the shipped gate and peak windows off)
+WHOLE_FRAMES = dict(classical_gate=False, peak_windows=None)
+
 
 @pytest.fixture(scope="module")
 def shipped() -> JointPredictor:
@@ -41,7 +44,7 @@ def test_shipped_models_find_the_true_peaks_of_simulated_frames(shipped, preset,
     bad = sim.bad_pixels
     counts = fill_bad_pixels(sim.frames, bad).astype(np.float32)
     # the gate off: the TLM's own recall is asserted, so it must see every frame
-    results = shipped.with_settings(classical_gate=False).predict_frames(
+    results = shipped.with_settings(**WHOLE_FRAMES).predict_frames(
         counts, bad_pixels=bad, keep_probability=False, models=("tlm", "ssl", "classical"))
     truth = [fl.masks() for fl in sim.labels]
     valid = [~np.asarray(b) for b in (bad if np.ndim(bad) == 3 else [bad] * len(truth))]
@@ -62,8 +65,8 @@ def test_shipped_gate_skips_frames_without_classical_peaks_and_leaves_joint_unch
     sim = simulate_scan(n_frames=12, preset="realistic", seed=202)
     bad = sim.bad_pixels
     counts = fill_bad_pixels(sim.frames, bad).astype(np.float32)
-    gated = shipped.predict_frames(counts, bad_pixels=bad, keep_probability=False)
-    full = shipped.with_settings(classical_gate=False).predict_frames(counts, bad_pixels=bad, keep_probability=False)
+    gated = shipped.with_settings(peak_windows=None).predict_frames(counts, bad_pixels=bad, keep_probability=False)
+    full = shipped.with_settings(**WHOLE_FRAMES).predict_frames(counts, bad_pixels=bad, keep_probability=False)
     ran = [r.has("tlm") for r in gated]
     assert any(ran) and not all(ran)  # some frames are skipped, not all
     for cut, whole in zip(gated, full):
@@ -71,15 +74,37 @@ def test_shipped_gate_skips_frames_without_classical_peaks_and_leaves_joint_unch
         np.testing.assert_allclose(cut.joint.scores, whole.joint.scores)
 
 
+def test_shipped_peak_windows_keep_joint_as_good_as_on_whole_frames(shipped):
+    margin = shipped.settings.peak_windows if shipped.settings.peak_windows is not None else 32
+    sim = simulate_scan(n_frames=12, preset="realistic", seed=202)
+    bad = sim.bad_pixels
+    counts = fill_bad_pixels(sim.frames, bad).astype(np.float32)
+    truth = [fl.masks() for fl in sim.labels]
+    valid = [~np.asarray(b) for b in (bad if np.ndim(bad) == 3 else [bad] * len(truth))]
+    scores = {}
+    for name, predictor in (("whole", shipped.with_settings(peak_windows=None)),
+                            ("windows", shipped.with_settings(peak_windows=margin))):
+        joint = [r.joint for r in predictor.predict_frames(counts, bad_pixels=bad, keep_probability=False,
+                                                           models="joint")]
+        scores[name] = evaluate_frames(truth, [(j.masks, j.scores) for j in joint], valid=valid)
+    assert scores["whole"]["recall"] >= 0.7  # the bound below compares two working predictions
+    assert scores["windows"]["mean_iou"] >= scores["whole"]["mean_iou"] - 0.01, scores
+    assert scores["windows"]["f1"] >= scores["whole"]["f1"] - 0.05, scores
+
+
 def test_evaluate_scores_the_networks_on_every_frame_even_with_the_gate(shipped, tmp_path):
     from dipid.evaluate import evaluate
 
     simulate_scan(n_frames=12, preset="realistic", seed=202).write(tmp_path, "gate")
     labels = tmp_path / "gate_labels.json"
-    gated = evaluate(shipped, labels, models=["tlm", "joint"], progress=False, coco_ap=False)
-    plain = evaluate(shipped.with_settings(classical_gate=False), labels, models=["tlm", "joint"], progress=False,
-                     coco_ap=False)
-    assert gated.settings["parameters"]["classical_gate"] is False
-    for model in ("tlm", "joint"):
+    windowed = shipped.with_settings(peak_windows=16)  # changes joint a little: scored as it runs
+    for predictor in (shipped.with_settings(peak_windows=None), windowed):
+        report = evaluate(predictor, labels, models=["tlm", "joint"], progress=False, coco_ap=False)
+        networks = evaluate(predictor.with_settings(**WHOLE_FRAMES), labels, models=["tlm"], progress=False,
+                            coco_ap=False)
+        joint = evaluate(predictor, labels, models=["joint"], progress=False, coco_ap=False)
+        assert report.settings["parameters"]["classical_gate"] is True
+        assert report.settings["whole_frame_models"] == (["tlm"] if predictor is windowed else ["tlm", "joint"])
         for metric in ("mean_iou", "f1", "precision", "recall"):
-            assert gated.summary[model][metric] == pytest.approx(plain.summary[model][metric], nan_ok=True)
+            assert report.summary["tlm"][metric] == pytest.approx(networks.summary["tlm"][metric], nan_ok=True)
+            assert report.summary["joint"][metric] == pytest.approx(joint.summary["joint"][metric], nan_ok=True)

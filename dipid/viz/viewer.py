@@ -464,9 +464,15 @@ def view_results_file(result_path: str | Path, out: str | Path | None = None) ->
 
 def _gate_note(metadata: Mapping[str, Any] | None) -> str:
     """What the title adds when ``classical_gate`` left frames without TLM/SSLM output (an empty
-    outline there means "not run", not "nothing found"); "" otherwise."""
-    gated = len(((metadata or {}).get("networks_not_run") or {}).get("frames", []))
-    return f"; TLM and SSLM not run on {gated} frames without a classical peak" if gated else ""
+    outline there means "not run", not "nothing found") and when ``peak_windows`` showed the
+    networks only windows around classical peaks; "" otherwise."""
+    metadata = metadata or {}
+    gated = len((metadata.get("networks_not_run") or {}).get("frames", []))
+    windows = (metadata.get("networks_windows") or {}).get("margin")
+    notes = [f"not run on {gated} frames without a classical peak"] if gated else []
+    if windows is not None:
+        notes.append(f"{'elsewhere ' if gated else ''}run only within {windows} px (and the 32-px grid) of classical peaks")
+    return "; TLM and SSLM " + ", ".join(notes) if notes else ""
 
 
 def _check_volumes(label_volumes: Mapping[str, np.ndarray], peak_label_volume: np.ndarray | None,
