@@ -90,6 +90,7 @@ def build_viewer(
     axis_values: np.ndarray | Sequence[float] | None = None,
     frame_numbers: np.ndarray | Sequence[int] | None = None,
     title: str = "dipid scan viewer",
+    subtitle: str = "",
     max_frames: int = _MAX_FRAMES,
     max_voxels: int = 60_000,
     max_image_bytes: int = _MAX_IMAGE_BYTES,
@@ -118,6 +119,7 @@ def build_viewer(
         axis_values: (F,) scan-axis value of each slice (default: the frame numbers).
         frame_numbers: (F,) scan frame number of each slice (default 0..F-1).
         title: page title.
+        subtitle: a smaller second line under the title ("" for none), such as how the models ran.
         max_frames: the slider shows at most this many evenly spread frames.
         max_voxels: the 3D view draws at most this many voxels.
         max_image_bytes: budget for the slider's images before compression (the page gzips them,
@@ -189,9 +191,10 @@ def build_viewer(
     fig.frames = frames
 
     fig.update_layout(
-        title=dict(text=html.escape(title), x=0.01, y=0.985),
+        title=dict(text=html.escape(title) + (f"<br><span style='font-size:12px'>{html.escape(subtitle)}</span>"
+                                              if subtitle else ""), x=0.01, y=0.985),
         height=900,
-        margin=dict(l=10, r=10, t=40, b=10),
+        margin=dict(l=10, r=10, t=56 if subtitle else 40, b=10),
         paper_bgcolor="white",
         showlegend=False,
         hovermode="closest",
@@ -350,7 +353,7 @@ def write_viewer(path: str | Path, counts: CountsSource, label_volumes: Mapping[
     if kwargs.get("image_shrink") is None and compress is not False:
         kwargs = {**kwargs, **_plan_reduction(counts, label_volumes, kwargs, max_html_bytes)}
     fig = build_viewer(counts, label_volumes, **kwargs)
-    page = _html_page(fig, title=kwargs.get("title"), compress=compress)
+    page = _html_page(fig, title=_page_title(kwargs), compress=compress)
     # plotly.js holds a few non-ASCII characters: measure the page in bytes, as written.
     while len(page.encode("utf-8")) > max_html_bytes:
         shrink, shown = int(fig.layout.meta["image_shrink"]), int(fig.layout.meta["frames_shown"])
@@ -371,7 +374,7 @@ def write_viewer(path: str | Path, counts: CountsSource, label_volumes: Mapping[
             logger.warning("viewer page is %.1f MB even with %d frames shrunk %dx", len(page) / 1e6, shown, shrink)
             break
         fig = build_viewer(counts, label_volumes, **kwargs)
-        page = _html_page(fig, title=kwargs.get("title"), compress=compress)
+        page = _html_page(fig, title=_page_title(kwargs), compress=compress)
     out = atomic_write_text(path, page)
     logger.info("viewer written to %s (%.1f MB)", out, len(page) / 1e6)
     return out
@@ -437,7 +440,7 @@ def view_scan_result(
     axis_values, axis_name = _scan_axis(result)
     scan_name = Path(result.scan_path).name if result.scan_path else "scan"
     title = kwargs.pop("title", None) or f"{scan_name}: {len(frames)} frames, scan axis {result.axis_name}"
-    title += _gate_note(result.metadata)
+    kwargs.setdefault("subtitle", _gate_note(result.metadata))
     return write_viewer(path, counts, label_volumes, peak_table=peak_table, peak_label_volume=peak_label_volume,
                         axis_name=axis_name, axis_values=axis_values, frame_numbers=frames, title=title, **kwargs)
 
@@ -454,7 +457,8 @@ def view_results_file(result_path: str | Path, out: str | Path | None = None) ->
     source = Path(results.source_scan) if results.source_scan else None
     options = dict(peak_table=results.peaks or None, peak_label_volume=results.peak_labels,
                    axis_name=results.axis_name, axis_values=results.axis_values, frame_numbers=results.frame_numbers,
-                   title=f"dipid: {source.name if source else result_path.name}" + _gate_note(results.result_metadata))
+                   title=f"dipid: {source.name if source else result_path.name}",
+                   subtitle=_gate_note(results.result_metadata))
     if source is not None and source.is_file():
         with open_scan(source) as scan:
             return write_viewer(out, lambda k: scan[int(results.frame_numbers[k])], results.model_labels, **options)
@@ -462,17 +466,23 @@ def view_results_file(result_path: str | Path, out: str | Path | None = None) ->
     return write_viewer(out, None, results.model_labels, **options)
 
 
+def _page_title(options: Mapping[str, Any]) -> str | None:
+    """The HTML page's title: the viewer's title, and its subtitle after a dash."""
+    title, subtitle = options.get("title"), options.get("subtitle")
+    return f"{title} \u2014 {subtitle}" if title and subtitle else title
+
+
 def _gate_note(metadata: Mapping[str, Any] | None) -> str:
-    """What the title adds when ``classical_gate`` left frames without TLM/SSLM output (an empty
-    outline there means "not run", not "nothing found") and when ``peak_windows`` showed the
-    networks only windows around classical peaks; "" otherwise."""
+    """The subtitle when ``classical_gate`` left frames without TLM/SSLM output (an empty outline
+    there means "not run", not "nothing found") and when ``peak_windows`` showed the networks
+    only windows around classical peaks; "" otherwise."""
     metadata = metadata or {}
     gated = len((metadata.get("networks_not_run") or {}).get("frames", []))
     windows = (metadata.get("networks_windows") or {}).get("margin")
     notes = [f"not run on {gated} frames without a classical peak"] if gated else []
     if windows is not None:
         notes.append(f"{'elsewhere ' if gated else ''}run only within {windows} px (and the 32-px grid) of classical peaks")
-    return "; TLM and SSLM " + ", ".join(notes) if notes else ""
+    return "TLM and SSLM " + ", ".join(notes) if notes else ""
 
 
 def _check_volumes(label_volumes: Mapping[str, np.ndarray], peak_label_volume: np.ndarray | None,
