@@ -25,7 +25,6 @@ from dipid.io.coco import LabelSet, read_coco
 from dipid.metrics import evaluate_frames, mask_iou_matrix
 from dipid.results import MODEL_KINDS, Instances
 from dipid.tables import text_table
-from dipid.train.augment import tta_views
 
 logger = logging.getLogger(__name__)
 
@@ -259,6 +258,9 @@ def evaluate(
 
 
 def _tta_views():
+    """(forward, inverse) pairs of the test-time views. torch (through the augmentations) is
+    imported here: scoring without ``tta`` (the classical finder's, say) never pays for it."""
+    from dipid.train.augment import tta_views
 
     return tta_views()
 

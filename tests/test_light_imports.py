@@ -1,4 +1,4 @@
-"""Classical-only prediction never imports torch or torchvision (issue 14).
+"""Classical-only prediction and evaluation never import torch or torchvision (issue 14).
 
 `dipid predict --model classical` spent ~4 s of a short scan importing them; each check runs in a
 fresh interpreter, where ``sys.modules`` says what was really imported.
@@ -76,3 +76,18 @@ def test_numpy_and_tensor_inputs_give_the_same_classical_peaks():
         assert len(a.classical) >= 1
         np.testing.assert_array_equal(a.classical.masks, b.classical.masks)
         np.testing.assert_array_equal(a.classical.scores, b.classical.scores)
+
+
+def test_classical_evaluation_imports_no_torch(tmp_path):
+    from dipid.synth import simulate_scan
+
+    simulate_scan(n_frames=4, preset="easy", seed=5).write(tmp_path, "light")
+    out = _run(f"""
+        import sys
+        from dipid.cli import main
+        code = main(["evaluate", "--data", {str(tmp_path / "light_labels.json")!r}, "--model", "classical"])
+        print(code, sorted(m for m in {_HEAVY!r} if m in sys.modules))
+    """)
+    code, loaded = out.strip().splitlines()[-1].split(" ", 1)
+    assert code == "0"  # the table was printed above
+    assert loaded == "[]", f"classical-only evaluation imported {loaded}"
