@@ -99,7 +99,7 @@ def _load_predictor_for(model: str, weights: str | None, device: str, threshold:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from dipid.evaluate import evaluate, load_label_sets  # h5py (torch when a network or --tta runs)
+    from dipid.evaluate import evaluate, load_label_sets  # torch: networks, --tta
 
     label_sets = load_label_sets(args.data)  # bad labels fail before a model is loaded or a file written
     weights = None if args.model in ("shipped", "default") else args.model
