@@ -8,8 +8,8 @@ three outputs (peak CSV, viewer HTML, results NeXus).
 
 Scans are simulated (``dipid.synth.simulate_scan(..., detector=...)``) in their own subprocess
 into ``--work`` and reused by later runs: a 200-frame Eiger 4M scan takes a few minutes and about
-4 GB to simulate. The joint model needs trained weights; none are shipped, so its rows are
-skipped with the reason unless ``--weights`` names a folder holding them.
+4 GB to simulate. The joint rows use the shipped weights (``weights/``), or ``--weights FOLDER``;
+without either they are skipped with the reason.
 
     python benchmarks/scale.py                                   # 100/1000 Pilatus, 20/200 Eiger 4M
     python benchmarks/scale.py --pilatus 100 400 --eiger 5 20    # a quicker check
@@ -140,8 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     configs = [("pilatus", n) for n in args.pilatus] + [("eiger", n) for n in args.eiger]
     for model in args.models:
         if model == "joint" and not has_weights:
-            skipped.append(f"joint: skipped, no trained weights in {weights_dir} (none are shipped yet; "
-                           "pass --weights FOLDER)")
+            skipped.append(f"joint: skipped, no trained weights in {weights_dir} (pass --weights FOLDER)")
             continue
         for detector, frames in configs:
             scan = make_scan(args.work, detector, frames, args.seed)

@@ -260,7 +260,7 @@ def evaluate(
 def _tta_views():
     """(forward, inverse) pairs of the test-time views. torch (through the augmentations) is
     imported here: scoring without ``tta`` (the classical finder's, say) never pays for it."""
-    from dipid.train.augment import tta_views
+    from dipid.train.augment import tta_views  # torch, torchvision
 
     return tta_views()
 

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 from tqdm.auto import tqdm
 
+from dipid._memory import release_free_heap
 from dipid.classical import ClassicalFinder
 from dipid.decode import classical_instances, joint_instances, ssl_output, tlm_instances
 from dipid.errors import DipidError, UnknownNameError
@@ -97,6 +98,10 @@ def select_models(models: str | Iterable[str] | None = None) -> tuple[str, ...]:
         check_model(name)
         chosen.update(("tlm", "ssl") if name == "joint" else (name,))
     return tuple(name for name in _RUNNABLE if name in chosen)
+
+
+#: RSS growth (bytes) after which predict_scan hands the C heap's free pages back (dipid._memory)
+_TRIM_AFTER_GROWTH = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -645,6 +650,7 @@ class JointPredictor:
         start = max(int(start_val), 0)
         show = (stop - start > 20) if progress is None else progress
         frames: dict[int, ImageResult] = {}
+        networks_run = "tlm" in run or "ssl" in run
         # Per frame only the cropped instances grow with the scan; the one full-frame array a
         # result holds, its bad-pixel mask, is mostly the detector's and the same in every frame:
         # frames whose mask equals the previous distinct one share it (a long Eiger 4M scan would
@@ -662,6 +668,8 @@ class JointPredictor:
                             shared.flags.writeable = False  # shared between frames: no one frame's to change
                         result.bad_pixels = shared
                     frames[result.frame] = result
+                if networks_run:  # their buffers change size from batch to batch (see dipid._memory)
+                    release_free_heap(min_rss_growth=_TRIM_AFTER_GROWTH)
                 bar.update(len(batch.frames))
         scan.check_frames(start, stop)  # warnings about NaN / empty frames; NoValidPixelsError if nothing was measurable
         axis = scan.axis
