@@ -215,10 +215,10 @@ def evaluate(
         for scan_name, chunk, counts, bad in iter_labelled_batches(label_sets, batch_size):
             per_view: dict[str, list] = {m: [] for m in models}  # model -> per view, per frame (result, inverse)
             for forward, inverse in views:
+                view_counts, view_bad = np.ascontiguousarray(forward(counts)), forward(bad)
                 for runner, scored in passes:
-                    results = runner.predict_frames(
-                        np.ascontiguousarray(forward(counts)), bad_pixels=forward(bad), models=scored,
-                        keep_probability=False)
+                    results = runner.predict_frames(view_counts, bad_pixels=view_bad, models=scored,
+                                                    keep_probability=False)
                     for m in scored:
                         per_view[m].append([(r, inverse) for r in results])
             for k, fl in enumerate(chunk):

@@ -93,25 +93,15 @@ def peak_windows(boxes: np.ndarray, shape: tuple[int, int], *, margin: int, alig
         raise ValueError(f"margin must be >= 0 and align > 0, got margin={margin}, align={align}")
     h, w = shape
     boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
-    grown = [
-        (max(0, (x0 - margin) // align * align), max(0, (y0 - margin) // align * align),
-         min(w, -(-(x1 + margin) // align) * align), min(h, -(-(y1 + margin) // align) * align))
-        for x0, y0, x1, y1 in boxes.tolist()
-    ]
-    merged = True
-    while merged:  # a merge can make a window overlap one it did not before, so repeat to a fixed point
-        merged = False
-        out: list[tuple[int, int, int, int]] = []
-        for box in grown:
-            for k, other in enumerate(out):
-                if box[0] < other[2] and other[0] < box[2] and box[1] < other[3] and other[1] < box[3]:
-                    out[k] = (min(box[0], other[0]), min(box[1], other[1]), max(box[2], other[2]), max(box[3], other[3]))
-                    merged = True
-                    break
-            else:
-                out.append(box)
-        grown = out
-    return [Tile(y0, y1, x0, x1, y0, y1, x0, x1) for x0, y0, x1, y1 in sorted(grown, key=lambda b: (b[1], b[0]))]
+    windows = np.concatenate([np.maximum((boxes[:, :2] - margin) // align * align, 0),
+                              np.minimum(-(-(boxes[:, 2:] + margin) // align) * align, (w, h))], axis=1)
+    # a merge can make a window overlap one it did not before: merge one pair at a time to a fixed point
+    while len(overlapping := np.argwhere(np.triu(_boxes_touch(windows, windows), k=1))):
+        i, j = overlapping[0]
+        windows[i] = (*np.minimum(windows[i, :2], windows[j, :2]), *np.maximum(windows[i, 2:], windows[j, 2:]))
+        windows = np.delete(windows, j, axis=0)
+    rows_then_cols = sorted(windows.tolist(), key=lambda b: (b[1], b[0]))
+    return [Tile(y0, y1, x0, x1, y0, y1, x0, x1) for x0, y0, x1, y1 in rows_then_cols]
 
 
 def in_core(inst: Instances, tile: Tile) -> Instances:
